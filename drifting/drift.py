@@ -1,0 +1,516 @@
+"""The drifting field and the drifting loss: the reference implementation.
+
+Pure PyTorch, no state. Two entry points:
+
+* `drift_field` is the paper's Algorithm 2 for a batch of independent problems, with every variant the paper
+  ablates as an option (kernel normalisation, affinity floor, attraction/repulsion factors).
+* `drift_loss` is the loss of the authors' code (see `official-code-notes.md` section 1): one global distance scale
+  and one drift scale per temperature for the whole call, the 1e-6 floor under the square root of the affinity, the
+  self-mask added in normalised distance units, target weights applied after both softmaxes.
+
+The global statistics of `drift_loss` are sums (of weighted distances, of weights, of squared drifts). They are
+accumulated in float64 over chunks of problems and, when `all_reduce` is given, summed over processes, so that a
+call evaluated in chunks or split across ranks gives the same loss and gradient as one call on the whole batch.
+
+Paper symbol -> name used here:
+
+    x, y+, y-        gen / x, pos, neg           generated samples, positives, extra (unconditional) negatives
+    N, N_pos, N_neg  C_g, C_p, C_n               samples per problem
+    tau              temperature(s)              kernel k(x, y) = exp(-||x - y|| / tau)
+    A                affinity                    normalised kernel, sqrt(softmax_y * softmax_x) by default
+    W+, W-           attraction/repulsion coefs  W+ = A+ * rowsum(A-), W- = A- * rowsum(A+)
+    V                field / force               V = sum_j W+_j (y+_j - x) - sum_j W-_j (y-_j - x)
+    S_j              scale                       weighted mean pairwise distance of the call (Eq. 18-21)
+    lambda_j         drift_rms                   RMS of V per temperature over the call (Eq. 23-25)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+Normalize = Literal["xy", "y", "none"]
+NORMALIZE_CHOICES = ("xy", "y", "none")
+
+# Algorithm 2 masks a sample as its own negative by adding a large constant to its raw distance.
+PAPER_SELF_MASK = 1e6
+# Constants of the authors' code (official-code-notes.md section 1.3).
+MIN_SQUARED_DISTANCE = 1e-8  # distances are at least 1e-4 in raw feature units
+MIN_SCALE = 1e-3  # floor of both the distance scale and the coordinate scale
+MIN_DRIFT_MS = 1e-8  # floor of the mean square drift before its square root
+CODE_AFFINITY_FLOOR = 1e-6  # floor of softmax_y * softmax_x before the square root
+CODE_SELF_MASK = 100.0  # added to the self pair's distance in normalised units
+
+AllReduce = Callable[[Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """fp32 math for bf16/fp16/fp32 inputs (as the authors' code), fp64 when an input is fp64 (tests)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def pairwise_distance(x: Tensor, y: Tensor, min_squared: float = 0.0) -> Tensor:
+    """Euclidean distances between rows: [..., N, D], [..., T, D] -> [..., N, T].
+
+    Uses |x|^2 + |y|^2 - 2 x.y (one matmul, as the authors' code), clamped below at `min_squared` before the root.
+    """
+    squared = x.square().sum(-1)[..., :, None] + y.square().sum(-1)[..., None, :] - 2.0 * (x @ y.transpose(-1, -2))
+    return squared.clamp_min(min_squared).sqrt()
+
+
+def _self_mask(n: int, t: int, value: float, like: Tensor) -> Tensor:
+    """[n, t] matrix with `value` at (i, i) for i < n: column i of the targets is generated sample i itself."""
+    mask = torch.zeros(n, t, dtype=like.dtype, device=like.device)
+    mask[:, :n].fill_diagonal_(value)
+    return mask
+
+
+def affinity(logits: Tensor, normalize: Normalize = "xy", floor: float = 0.0) -> Tensor:
+    """Normalised kernel A from logits -||x - y|| / tau: [..., N, T] -> [..., N, T].
+
+    "xy":   A = sqrt(max(softmax over targets (dim -1) * softmax over generated samples (dim -2), floor))
+    "y":    A = softmax over targets only
+    "none": A = exp(logits), the unnormalised kernel
+    `floor` bounds A^2 from below in every mode, so A >= sqrt(floor) (1e-3 for the authors' 1e-6).
+    """
+    if normalize == "xy":
+        return (torch.softmax(logits, dim=-1) * torch.softmax(logits, dim=-2)).clamp_min(floor).sqrt()
+    a = torch.softmax(logits, dim=-1) if normalize == "y" else logits.exp()
+    return a.clamp_min(math.sqrt(floor)) if floor > 0 else a
+
+
+def field_from_affinity(
+    a: Tensor,
+    x: Tensor,
+    targets: Tensor,
+    num_negatives: int,
+    weight: Tensor | None = None,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+) -> Tensor:
+    """The field V from affinities over targets whose first `num_negatives` columns are negatives.
+
+    a [..., N, T], x [..., N, D], targets [..., T, D], weight [..., T] (multiplies the columns of A) -> V [..., N, D]:
+        W+ = A+ * rowsum(A-),  W- = A- * rowsum(A+)
+        V  = attraction * sum_j W+_j (y_j - x) - repulsion * sum_j W-_j (y_j - x)
+    Written as coef @ targets - rowsum(coef) * x: rowsum(coef) is zero when attraction == repulsion, so the second
+    term only makes V exactly translation invariant (and carries the factors of the asymmetric variants).
+    """
+    if weight is not None:
+        a = a * weight[..., None, :]
+    a_neg, a_pos = a[..., :num_negatives], a[..., num_negatives:]
+    coef = torch.cat(
+        [-repulsion * a_neg * a_pos.sum(-1, keepdim=True), attraction * a_pos * a_neg.sum(-1, keepdim=True)], dim=-1
+    )
+    return coef @ targets - coef.sum(-1, keepdim=True) * x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input checks: every problem is reported before any work, naming the argument and what was expected.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: object, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_samples(name: str, t: Tensor, lead: tuple[int, ...], dim: int, ref: str, min_count: int) -> None:
+    """t must be [*lead, count, dim] with count >= min_count."""
+    if tuple(t.shape[:-2]) != lead or t.shape[-1] != dim:
+        raise ValueError(
+            f"{name}: expected shape [{', '.join(map(str, lead + ('count',)))}, {dim}] to match {ref}, "
+            f"got {tuple(t.shape)}"
+        )
+    if t.shape[-2] < min_count:
+        raise ValueError(f"{name}: expected at least {min_count} sample(s) per problem, got shape {tuple(t.shape)}")
+
+
+def _check_weight(name: str, w: Tensor | None, shape: tuple[int, ...]) -> None:
+    if w is None:
+        return
+    _check_tensor(name, w)
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {tuple(w.shape)}")
+
+
+def _check_values(
+    named: Sequence[tuple[str, Tensor | None]], weights: Sequence[tuple[str, Tensor | None]], check_finite: bool
+) -> None:
+    """NaN/Inf in any input, negative weights: one device sync for all checks together."""
+    if not check_finite:
+        return
+    flags = [(name, ~torch.isfinite(t).all()) for name, t in named if t is not None]
+    flags += [(f"{name} (negative)", (w < 0).any()) for name, w in weights if w is not None]
+    if not flags:
+        return
+    bad = torch.stack([f for _, f in flags]).cpu()
+    for (name, _), is_bad in zip(flags, bad.tolist()):
+        if is_bad:
+            what = "non-negative weights" if name.endswith("(negative)") else "finite values (no NaN or Inf)"
+            raise ValueError(f"{name.removesuffix(' (negative)')}: expected {what}")
+
+
+def _check_options(temperatures: Sequence[float], normalize: str, affinity_floor: float, **factors: float) -> None:
+    if len(temperatures) == 0:
+        raise ValueError("temperatures: expected at least one temperature")
+    for t in temperatures:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature: expected finite numbers > 0, got {t!r}")
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"normalize: expected one of {NORMALIZE_CHOICES}, got {normalize!r}")
+    if not (isinstance(affinity_floor, (int, float)) and math.isfinite(affinity_floor) and affinity_floor >= 0):
+        raise ValueError(f"affinity_floor: expected a finite number >= 0, got {affinity_floor!r}")
+    for name, value in factors.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Algorithm 2
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def drift_field(
+    x: Tensor,
+    pos: Tensor,
+    neg: Tensor | None = None,
+    *,
+    temperature: float,
+    pos_weight: Tensor | None = None,
+    neg_weight: Tensor | None = None,
+    normalize: Normalize = "xy",
+    affinity_floor: float = 0.0,
+    self_negatives: bool = True,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+    check_finite: bool = True,
+) -> Tensor:
+    """The drifting field V(x) of the paper's Algorithm 2, for independent problems stacked in leading dimensions.
+
+    Args:
+        x: [..., N, D] generated samples (no gradient is needed: V is a stop-gradient target).
+        pos: [..., P, D] positives (samples of the data distribution), P >= 1.
+        neg: [..., M, D] extra negatives (e.g. real samples of any class, for guidance), or None.
+        temperature: tau > 0 of the kernel exp(-||x - y|| / tau), on raw Euclidean distances.
+        pos_weight, neg_weight: [..., P], [..., M] non-negative column weights, applied after normalisation
+            (the generated columns weigh 1).
+        normalize: "xy" (softmax over targets and over generated samples, geometric mean; the paper), "y"
+            (softmax over targets only) or "none" (exp(logits)); Table 11.
+        affinity_floor: lower bound of A^2 (the authors' code uses 1e-6; Algorithm 2 has none).
+        self_negatives: the generated samples are negatives too (Algorithm 1); a sample is never its own negative
+            (its self distance gets +1e6, as in Algorithm 2).
+        attraction, repulsion: factors of V+ and V- (Table 1's anti-symmetry ablation).
+
+    Targets are [x (if self_negatives), neg, pos]. With the defaults this is exactly Algorithm 2:
+    V = attraction * sum_j W+_j (y+_j - x) - repulsion * sum_j W-_j (y-_j - x).
+
+    Returns:
+        V: [..., N, D] in the promoted dtype (fp32, or fp64 for fp64 inputs).
+    """
+    _check_tensor("x", x, min_ndim=2)
+    _check_tensor("pos", pos, min_ndim=2)
+    lead, n, d = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
+    _check_samples("pos", pos, lead, d, "x [..., N, D]", min_count=1)
+    if neg is not None:
+        _check_tensor("neg", neg, min_ndim=2)
+        _check_samples("neg", neg, lead, d, "x [..., N, D]", min_count=0)
+    if n < 1:
+        raise ValueError(f"x: expected at least one generated sample per problem, got shape {tuple(x.shape)}")
+    _check_weight("pos_weight", pos_weight, lead + (pos.shape[-2],))
+    _check_weight("neg_weight", neg_weight, lead + ((neg.shape[-2],) if neg is not None else (0,)))
+    if neg is None and neg_weight is not None:
+        raise ValueError("neg_weight: given without neg")
+    if not self_negatives and neg is None:
+        raise ValueError("neg: expected extra negatives when self_negatives=False (there would be no negatives)")
+    _check_options((temperature,), normalize, affinity_floor, attraction=attraction, repulsion=repulsion)
+    _check_values(
+        [("x", x), ("pos", pos), ("neg", neg), ("pos_weight", pos_weight), ("neg_weight", neg_weight)],
+        [("pos_weight", pos_weight), ("neg_weight", neg_weight)],
+        check_finite,
+    )
+
+    dtype = _compute_dtype(x, pos, neg)
+    x = x.to(dtype)
+    parts = ([x] if self_negatives else []) + ([neg.to(dtype)] if neg is not None else []) + [pos.to(dtype)]
+    targets = torch.cat(parts, dim=-2)
+    num_negatives = targets.shape[-2] - pos.shape[-2]
+
+    weight = None
+    if pos_weight is not None or neg_weight is not None:
+        ones = lambda k: x.new_ones(lead + (k,))  # noqa: E731
+        w_parts = [ones(n)] if self_negatives else []
+        if neg is not None:
+            w_parts.append(neg_weight.to(dtype) if neg_weight is not None else ones(neg.shape[-2]))
+        w_parts.append(pos_weight.to(dtype) if pos_weight is not None else ones(pos.shape[-2]))
+        weight = torch.cat(w_parts, dim=-1)
+
+    dist = pairwise_distance(x, targets)
+    if self_negatives:
+        dist = dist + _self_mask(n, targets.shape[-2], PAPER_SELF_MASK, dist)
+    a = affinity(-dist / temperature, normalize, affinity_floor)
+    return field_from_affinity(a, x, targets, num_negatives, weight, attraction, repulsion)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss of the authors' code
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DriftStats(NamedTuple):
+    """The global statistics of one `drift_loss` call (one feature key of one step).
+
+    scale: scalar, weighted mean pairwise distance over every problem, row and column (S_j * sqrt(S)).
+    drift_ms: [R], mean square of the field per temperature, in scaled coordinates (logged as loss_<tau>).
+    """
+
+    scale: Tensor
+    drift_ms: Tensor
+
+    @property
+    def drift_rms(self) -> Tensor:
+        """lambda per temperature: sqrt(max(drift_ms, 1e-8))."""
+        return self.drift_ms.clamp_min(MIN_DRIFT_MS).sqrt()
+
+
+class _Problems(NamedTuple):
+    """One chunk of problems in compute dtype: x [b, C_g, S] (detached), targets [b, T, S], weight [b, T]."""
+
+    x: Tensor
+    targets: Tensor
+    weight: Tensor
+    num_negatives: int
+
+
+def _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype) -> Callable[[slice], _Problems]:
+    """A function that builds the problems of one chunk (a slice of the B axis)."""
+
+    def problems(sl: slice) -> _Problems:
+        sliced = (None if t is None else t[sl] for t in (gen, pos, neg, gen_weight, pos_weight, neg_weight))
+        return _problems(*sliced, dtype)
+
+    return problems
+
+
+def _problems(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype) -> _Problems:
+    """Targets in the authors' order [gen (as negatives), neg, pos] with their weights."""
+    x = gen.detach().to(dtype)
+    parts, w_parts = [x], [gen_weight.to(dtype) if gen_weight is not None else x.new_ones(x.shape[:2])]
+    if neg is not None:
+        parts.append(neg.detach().to(dtype))
+        w_parts.append(neg_weight.to(dtype) if neg_weight is not None else x.new_ones(neg.shape[:2]))
+    parts.append(pos.detach().to(dtype))
+    w_parts.append(pos_weight.to(dtype) if pos_weight is not None else x.new_ones(pos.shape[:2]))
+    targets = torch.cat(parts, dim=1)
+    return _Problems(x, targets, torch.cat(w_parts, dim=1), targets.shape[1] - pos.shape[1])
+
+
+def _coordinate_scale(scale: Tensor, dim: int) -> Tensor:
+    """s_in = max(scale / sqrt(S), 1e-3): dividing by it makes the mean pairwise distance sqrt(S)."""
+    return (scale / math.sqrt(dim)).clamp_min(MIN_SCALE)
+
+
+def _forces(p: _Problems, dist: Tensor, scale: Tensor, temperatures, normalize, floor, self_mask, attraction, repulsion):
+    """Per temperature, the field in scaled coordinates: list of R tensors [b, C_g, S]."""
+    n, dim = p.x.shape[1], p.x.shape[2]
+    s_in = _coordinate_scale(scale, dim).to(p.x.dtype)
+    normalized = dist / scale.clamp_min(MIN_SCALE).to(p.x.dtype) + _self_mask(n, dist.shape[-1], self_mask, dist)
+    x_hat, targets_hat = p.x / s_in, p.targets / s_in
+    return [
+        field_from_affinity(
+            affinity(-normalized / tau, normalize, floor), x_hat, targets_hat, p.num_negatives, p.weight,
+            attraction, repulsion,
+        )
+        for tau in temperatures
+    ]
+
+
+def _chunks(total: int, chunk_size: int | None) -> list[slice]:
+    step = total if not chunk_size else chunk_size
+    return [slice(i, min(i + step, total)) for i in range(0, total, max(step, 1))]
+
+
+def drift_loss(
+    gen: Tensor,
+    pos: Tensor,
+    neg: Tensor | None = None,
+    *,
+    temperatures: Sequence[float] = (0.02, 0.05, 0.2),
+    gen_weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    neg_weight: Tensor | None = None,
+    normalize: Normalize = "xy",
+    affinity_floor: float = CODE_AFFINITY_FLOOR,
+    self_mask: float = CODE_SELF_MASK,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+    chunk_size: int | None = None,
+    all_reduce: AllReduce | None = None,
+    stats: DriftStats | None = None,
+    check_finite: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The drifting loss of the authors' code for one feature key: B independent problems sharing global statistics.
+
+    Args:
+        gen: [B, C_g, S] features of the generated samples, the only input through which gradient flows.
+            They are also the negatives (each masked as its own negative).
+        pos: [B, C_p, S] positives, C_p >= 1.
+        neg: [B, C_n, S] extra negatives (unconditional real samples, for guidance), or None.
+        temperatures: the taus; each field is normalised by its own RMS over the call, then they are summed.
+        gen_weight, pos_weight, neg_weight: [B, C_g], [B, C_p], [B, C_n] non-negative target weights (default 1),
+            applied after both softmaxes and in the distance scale (the guidance weight w goes in neg_weight).
+        normalize, affinity_floor, attraction, repulsion: as in `drift_field` (floor 1e-6 as in the code).
+        self_mask: added to the self distance in normalised units (the code's 100).
+        chunk_size: problems per chunk; bounds the [chunk, C_g, T] temporaries. The result does not depend on it.
+        all_reduce: sums a float64 tensor of partial sums over processes (see `all_reduce_sum`); each process
+            passes its own problems and the statistics become those of the union, as if computed at once.
+        stats: precomputed statistics (from `drift_stats` over a larger batch); skips their computation.
+        check_finite: check inputs for NaN/Inf (one device sync); turn off inside a hot training loop.
+
+    Algorithm (official-code-notes.md 1.2): distances d on raw features; scale = sum w d / (C_g sum w) over the
+    call; coordinates divided by s_in = max(scale / sqrt(S), 1e-3); normalised distances d / max(scale, 1e-3) with
+    the self-mask; per temperature the field F from the double softmax; goal = x/s_in + sum_tau F_tau / lambda_tau
+    with lambda_tau = RMS of F_tau over the call; loss_b = mean over (i, s) of (gen/s_in - goal)^2, goal frozen.
+
+    Returns:
+        loss: [B], one value per problem (the caller averages over problems, then sums over keys).
+        info: {"scale": scalar, "drift_ms": [R]} (float64) -- drift_ms shows progress; the loss value itself stays
+            between ~R and ~R^2 by construction.
+    """
+    temperatures = tuple(temperatures)
+    _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
+                       self_mask, attraction, repulsion, chunk_size, check_finite)
+    if stats is not None and (not isinstance(stats, DriftStats) or stats.drift_ms.shape != (len(temperatures),)):
+        raise ValueError(f"stats: expected DriftStats with drift_ms of shape [{len(temperatures)}]")
+    options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
+    dtype = _compute_dtype(gen, pos, neg)
+    chunks = _chunks(gen.shape[0], chunk_size)
+
+    problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype)
+    cached_forces = None
+    if stats is None:
+        # With a single chunk the forces of the statistics pass are kept for the loss pass instead of recomputed.
+        stats, cached_forces = _stats(problems, chunks, options, all_reduce, keep_forces=len(chunks) == 1)
+
+    rms = stats.drift_rms.to(dtype)
+    scale = stats.scale.to(dtype)
+    s_in = _coordinate_scale(scale, gen.shape[2])
+    losses = []
+    for sl in chunks:
+        with torch.no_grad():
+            p = problems(sl)
+            forces = cached_forces or _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale,
+                                              *options)
+            goal = p.x / s_in + sum(f / r for f, r in zip(forces, rms))
+        losses.append((gen[sl].to(dtype) / s_in - goal).square().mean(dim=(1, 2)))
+    return torch.cat(losses), {"scale": stats.scale, "drift_ms": stats.drift_ms}
+
+
+def _stats(problems, chunks, options, all_reduce, keep_forces):
+    """Two passes over the chunks: the distance scale, then the mean square field per temperature."""
+    temperatures = options[0]
+    with torch.no_grad():
+        sums = None
+        for sl in chunks:
+            p = problems(sl)
+            dist = pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE)
+            # scale = sum_{b,i,j} w_bj d_bij / (C_g sum_{b,j} w_bj): both sums over the whole call.
+            part = torch.stack([(dist * p.weight[:, None, :]).sum().double(), p.x.shape[1] * p.weight.sum().double()])
+            sums = part if sums is None else sums + part
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        scale = sums[0] / sums[1]
+
+        squares, forces = None, None
+        for sl in chunks:
+            p = problems(sl)
+            forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale.to(p.x.dtype), *options)
+            part = torch.stack([f.square().sum().double() for f in forces] + [p.x.new_tensor(p.x.numel()).double()])
+            squares = part if squares is None else squares + part
+        if all_reduce is not None:
+            squares = all_reduce(squares)
+        drift_ms = squares[: len(temperatures)] / squares[-1]
+    return DriftStats(scale, drift_ms), (forces if keep_forces else None)
+
+
+def drift_stats(
+    gen: Tensor,
+    pos: Tensor,
+    neg: Tensor | None = None,
+    *,
+    temperatures: Sequence[float] = (0.02, 0.05, 0.2),
+    gen_weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    neg_weight: Tensor | None = None,
+    normalize: Normalize = "xy",
+    affinity_floor: float = CODE_AFFINITY_FLOOR,
+    self_mask: float = CODE_SELF_MASK,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+    chunk_size: int | None = None,
+    all_reduce: AllReduce | None = None,
+    check_finite: bool = True,
+) -> DriftStats:
+    """The global statistics `drift_loss` would compute for these problems (arguments as in `drift_loss`)."""
+    temperatures = tuple(temperatures)
+    _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
+                       self_mask, attraction, repulsion, chunk_size, check_finite)
+    dtype = _compute_dtype(gen, pos, neg)
+
+    problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype)
+    options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
+    return _stats(problems, _chunks(gen.shape[0], chunk_size), options, all_reduce, keep_forces=False)[0]
+
+
+def _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
+                       self_mask, attraction, repulsion, chunk_size, check_finite) -> None:
+    _check_tensor("gen", gen, ndim=3)
+    _check_tensor("pos", pos, ndim=3)
+    b, n, s = gen.shape
+    if n < 1 or s < 1:
+        raise ValueError(f"gen: expected [B, C_g, S] with C_g >= 1 and S >= 1, got {tuple(gen.shape)}")
+    _check_samples("pos", pos, (b,), s, "gen [B, C_g, S]", min_count=1)
+    if neg is not None:
+        _check_tensor("neg", neg, ndim=3)
+        _check_samples("neg", neg, (b,), s, "gen [B, C_g, S]", min_count=0)
+    elif neg_weight is not None:
+        raise ValueError("neg_weight: given without neg")
+    _check_weight("gen_weight", gen_weight, (b, n))
+    _check_weight("pos_weight", pos_weight, (b, pos.shape[1]))
+    _check_weight("neg_weight", neg_weight, (b, neg.shape[1]) if neg is not None else (b, 0))
+    for t in (pos, neg, gen_weight, pos_weight, neg_weight):
+        if t is not None and t.device != gen.device:
+            raise ValueError(f"all inputs must be on gen's device {gen.device}, got one on {t.device}")
+    _check_options(temperatures, normalize, affinity_floor, self_mask=self_mask, attraction=attraction,
+                   repulsion=repulsion)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or an integer >= 1, got {chunk_size!r}")
+    weights = [("gen_weight", gen_weight), ("pos_weight", pos_weight), ("neg_weight", neg_weight)]
+    _check_values([("gen", gen), ("pos", pos), ("neg", neg)] + weights, weights, check_finite)
+
+
+def all_reduce_sum(group=None) -> AllReduce:
+    """An `all_reduce` for `drift_loss`: sums the partial statistics over the processes of `group` (default: all)."""
+    import torch.distributed as dist
+
+    def reduce(t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    return reduce
