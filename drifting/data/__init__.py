@@ -1,0 +1,1 @@
+"""Data sources: toy 2-D target distributions and dataset loaders."""

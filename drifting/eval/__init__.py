@@ -1,0 +1,1 @@
+"""Evaluation: sample-quality metrics and two-sample distances."""

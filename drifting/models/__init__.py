@@ -1,0 +1,1 @@
+"""Networks: generators, feature encoders, policies."""

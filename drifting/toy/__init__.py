@@ -1,0 +1,1 @@
+"""2-D toy experiments (the paper's Figures 3 and 4)."""
