@@ -1,0 +1,53 @@
+"""The command line: help, a tiny toy run end to end, the resolved config, and errors for bad configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from drifting.cli import main
+
+TINY = ["steps=5", "batch=16", "num_pos=16", "eval_samples=50", "track_every=5", "inits=[between]"]
+
+
+def test_help_lists_the_toy_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "toy" in capsys.readouterr().out
+
+
+def test_toy_command_runs_and_saves_resolved_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["toy", "--no-progress", "--out", str(out), "--preset", "toy/ring8", *TINY]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["target"] == "ring8" and config["steps"] == 5 and config["inits"] == ["between"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["runs"]["default"]) == {"between"}
+    assert (out / "figure3_evolution.png").exists() and (out / "figure4_loss.png").exists()
+    assert "floor" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["stepz=5"], "stepz"),  # unknown key
+        (["steps=five"], "steps"),  # wrong type
+        (["target=nowhere"], "target"),
+        (["--preset", "toy/nowhere"], "toy/nowhere"),
+    ],
+)
+def test_toy_command_rejects_bad_configuration(tmp_path, capsys, args, message):
+    assert main(["toy", "--no-progress", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
+    assert not (tmp_path / "metrics.json").exists()  # rejected before any work
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "drifting", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "drifting" in result.stdout
