@@ -363,6 +363,7 @@ def drift_loss(
     all_reduce: AllReduce | None = None,
     stats: DriftStats | None = None,
     check_finite: bool = True,
+    impl: Literal["auto", "reference", "fused"] = "auto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The drifting loss of the authors' code for one feature key: B independent problems sharing global statistics.
 
@@ -381,6 +382,9 @@ def drift_loss(
             passes its own problems and the statistics become those of the union, as if computed at once.
         stats: precomputed statistics (from `drift_stats` over a larger batch); skips their computation.
         check_finite: check inputs for NaN/Inf (one device sync); turn off inside a hot training loop.
+        impl: "reference" (this function's PyTorch code), "fused" (the Triton kernel of `drifting.kernels`, which
+            never materialises [B, C_g, T] tensors; same results within float tolerance) or "auto" (fused for CUDA
+            inputs when Triton is available and the problem fits the kernel).
 
     Algorithm (official-code-notes.md 1.2): distances d on raw features; scale = sum w d / (C_g sum w) over the
     call; coordinates divided by s_in = max(scale / sqrt(S), 1e-3); normalised distances d / max(scale, 1e-3) with
@@ -397,6 +401,17 @@ def drift_loss(
                        self_mask, attraction, repulsion, chunk_size, check_finite)
     if stats is not None and (not isinstance(stats, DriftStats) or stats.drift_ms.shape != (len(temperatures),)):
         raise ValueError(f"stats: expected DriftStats with drift_ms of shape [{len(temperatures)}]")
+    if impl not in ("auto", "reference", "fused"):
+        raise ValueError(f"impl: expected 'auto', 'reference' or 'fused', got {impl!r}")
+    if impl != "reference":
+        from drifting import kernels  # imported here: drift.py itself depends on torch only
+
+        if kernels.use_fused(impl, gen, pos, neg):
+            return kernels.fused_drift_loss(
+                gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
+                neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
+                attraction=attraction, repulsion=repulsion, all_reduce=all_reduce, stats=stats,
+            )
     options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
     dtype = _compute_dtype(gen, pos, neg)
     chunks = _chunks(gen.shape[0], chunk_size)

@@ -1,0 +1,161 @@
+"""Speed and memory of the drifting loss at the paper's ablation sizes, forward plus backward.
+
+64 classes; 64 generated, 16 unconditional and 64 positive samples per class; temperatures 0.02, 0.05, 0.2; bf16
+inputs, fp32 math. One feature key at a time (the five sizes of the ROADMAP table), then the whole 86-key set of a
+latent MAE-256 (one ablation step). For each: median ms, peak GiB (everything allocated during the call, inputs
+included), the floor max(FLOPs / 400 TFLOP/s, bytes / 3 TB/s) with FLOPs = (1 + R) products of [C_g, S] x [S, T] per
+problem and bytes = inputs read once + gradient written once, and the ratio to the floor.
+
+    python benchmarks/drift_loss.py --out results.json                 # on a CUDA machine
+    python benchmarks/drift_loss.py --impls reference --keys 4x4 --device cpu --repeat 1   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from drifting.drift import drift_loss
+
+N_C, C_G, C_N, C_P = 64, 64, 16, 64
+TEMPERATURES = (0.02, 0.05, 0.2)
+PEAK_FLOPS, PEAK_BYTES = 400e12, 3e12
+
+# The five keys of the ROADMAP table: name -> (locations per class L, feature size S).
+KEYS = {
+    "32x32": (1024, 256),
+    "16x16": (256, 512),
+    "8x8": (64, 1024),
+    "4x4": (16, 2048),
+    "mean/std": (2, 2048),  # the global mean and std keys of layer4 together: 128 problems
+}
+
+
+def ablation_key_set() -> list[tuple[str, int, int]]:
+    """The 86 keys of a latent MAE-256 (official-code-notes.md 2.1): (name, L, S)."""
+    keys = [("global", 1, 4096), ("norm_x", 1, 4)]
+    taps = [("conv1", 32, 256), ("layer1", 32, 256), ("layer1_blk2", 32, 256),
+            ("layer2", 16, 512), ("layer2_blk2", 16, 512), ("layer2_blk4", 16, 512),
+            ("layer3", 8, 1024), ("layer3_blk2", 8, 1024), ("layer3_blk4", 8, 1024), ("layer3_blk6", 8, 1024),
+            ("layer4", 4, 2048), ("layer4_blk2", 4, 2048)]
+    for name, h, s in taps:
+        keys += [(name, h * h, s), (f"{name}_mean", 1, s), (f"{name}_std", 1, s)]
+        for p in (2, 4):
+            if h % p == 0:
+                keys += [(f"{name}_mean_{p}", (h // p) ** 2, s), (f"{name}_std_{p}", (h // p) ** 2, s)]
+    return keys
+
+
+def make_inputs(locations: int, s: int, device: str, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    b = N_C * locations
+    gen = torch.randn(b, C_G, s, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
+    pos = torch.randn(b, C_P, s, generator=g, device=device, dtype=torch.bfloat16)
+    neg = torch.randn(b, C_N, s, generator=g, device=device, dtype=torch.bfloat16)
+    # guidance weights w = (alpha - 1)(C_g - 1)/C_n for alpha in [1, 4], one per class, repeated over locations
+    alpha = 1 + 3 * torch.rand(N_C, generator=g, device=device)
+    w = ((alpha - 1) * (C_G - 1) / C_N).repeat_interleave(locations)[:, None].expand(b, C_N).contiguous()
+    return gen, pos, neg, w
+
+
+def floor_ms(locations: int, s: int) -> float:
+    b, t = N_C * locations, C_G + C_N + C_P
+    flops = b * (1 + len(TEMPERATURES)) * 2 * C_G * t * s
+    bytes_ = b * t * s * 2 + b * C_G * s * 2 + b * C_N * 4
+    return 1e3 * max(flops / PEAK_FLOPS, bytes_ / PEAK_BYTES)
+
+
+def loss_step(impl: str, gen, pos, neg, w):
+    gen.grad = None
+    if impl == "compiled":
+        loss, _ = _compiled(gen, pos, neg, w)
+    else:
+        loss, _ = drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl=impl, check_finite=False)
+    loss.mean().backward()
+
+
+def _reference(gen, pos, neg, w):
+    return drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl="reference", check_finite=False)
+
+
+_compiled = None
+
+
+def time_impl(impl: str, inputs, device: str, repeat: int) -> tuple[float, float]:
+    """Median milliseconds and peak GiB of forward + backward."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    loss_step(impl, *inputs)  # warm-up (compilation, autotuning)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        loss_step(impl, *inputs)
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    global _compiled
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default="reference,fused", help="comma list of reference, fused, compiled")
+    parser.add_argument("--keys", default=",".join(KEYS), help="comma list of " + ", ".join(KEYS))
+    parser.add_argument("--all-keys", action="store_true", help="also time the whole 86-key ablation set")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    impls = args.impls.split(",")
+    if "compiled" in impls:
+        _compiled = torch.compile(_reference)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"drifting loss, forward + backward, bf16 inputs, {card}")
+    rows = []
+    header = f"{'key':<10} {'problems':>8} {'S':>5} {'in GiB':>7} {'floor ms':>8} " + " ".join(
+        f"{impl + ' ms/GiB':>20} {'x floor':>7}" for impl in impls)
+    print(header)
+    for key in args.keys.split(","):
+        locations, s = KEYS[key]
+        inputs = make_inputs(locations, s, args.device)
+        in_gib = sum(t.numel() * t.element_size() for t in inputs) / 2**30
+        row = {"key": key, "problems": N_C * locations, "S": s, "input_gib": in_gib, "floor_ms": floor_ms(locations, s)}
+        for impl in impls:
+            ms, gib = time_impl(impl, inputs, args.device, args.repeat)
+            row[impl] = {"ms": ms, "peak_gib": gib, "x_floor": ms / row["floor_ms"]}
+        rows.append(row)
+        print(f"{key:<10} {row['problems']:>8} {s:>5} {in_gib:>7.2f} {row['floor_ms']:>8.2f} " + " ".join(
+            f"{row[i]['ms']:>11.2f} / {row[i]['peak_gib']:>6.2f} {row[i]['x_floor']:>7.1f}" for i in impls))
+        del inputs
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if args.all_keys:
+        keys = ablation_key_set()
+        assert len(keys) == 86
+        total_floor = sum(floor_ms(l, s) for _, l, s in keys)
+        row = {"key": "86 keys", "problems": N_C * sum(l for _, l, _ in keys), "floor_ms": total_floor}
+        for impl in impls:
+            total_ms, peak = 0.0, 0.0
+            for name, locations, s in keys:
+                inputs = make_inputs(locations, s, args.device)
+                ms, gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2))
+                total_ms, peak = total_ms + ms, max(peak, gib)
+                del inputs
+            row[impl] = {"ms": total_ms, "peak_gib": peak, "x_floor": total_ms / total_floor}
+        rows.append(row)
+        print(f"{'86 keys':<10} {row['problems']:>8} {'':>5} {'':>7} {total_floor:>8.2f} " + " ".join(
+            f"{row[i]['ms']:>11.2f} / {row[i]['peak_gib']:>6.2f} {row[i]['x_floor']:>7.1f}" for i in impls))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Try block sizes and warp counts of the fused drifting-loss kernel on one key size (CUDA only).
+
+    python benchmarks/tune_drift_kernel.py --key 32x32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from drift_loss import KEYS, TEMPERATURES, floor_ms, make_inputs
+from drifting.kernels.drift_triton import fused_drift_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--key", default="32x32", choices=list(KEYS))
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    locations, s = KEYS[args.key]
+    gen, pos, neg, w = make_inputs(locations, s, "cuda")
+    print(f"key {args.key}: floor {floor_ms(locations, s):.2f} ms")
+    for block_s in (32, 64, 128):
+        for warps in (4, 8):
+            def step():
+                gen.grad = None
+                loss, _ = fused_drift_loss(
+                    gen, pos, neg, temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, neg_weight=w,
+                    normalize="xy", affinity_floor=1e-6, self_mask=100.0, attraction=1.0, repulsion=1.0,
+                    all_reduce=None, stats=None, block_s=block_s, num_warps=warps)
+                loss.mean().backward()
+
+            try:
+                step()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.repeat):
+                    step()
+                end.record()
+                torch.cuda.synchronize()
+                print(f"block_s {block_s:>4} warps {warps}: {start.elapsed_time(end) / args.repeat:8.2f} ms")
+            except Exception as err:  # out of resources for a configuration: report it and go on
+                print(f"block_s {block_s:>4} warps {warps}: failed ({type(err).__name__}: {str(err)[:80]})")
+
+
+if __name__ == "__main__":
+    main()

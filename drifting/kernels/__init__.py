@@ -1,0 +1,47 @@
+"""Fused GPU implementations of the drifting loss, behind a guarded import.
+
+`drifting.drift.drift_loss(..., impl="auto")` calls the fused Triton kernel for CUDA tensors when Triton is
+installed and the problem fits the kernel (C_g, C_p <= 128, C_n <= 64), and the reference implementation otherwise.
+`impl="fused"` insists (a ValueError says why it cannot run), `impl="reference"` never uses the kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from torch import Tensor
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+IMPLS = ("auto", "reference", "fused")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+    """Whether `drift_loss` should take the fused path; for impl="fused", a ValueError when it cannot."""
+    if impl == "reference":
+        return False
+    reason = None
+    if not HAS_TRITON:
+        reason = "Triton is not installed"
+    elif not (gen.is_cuda or _interpreting()):
+        reason = f"the inputs are on {gen.device}, not on a CUDA device"
+    else:
+        from drifting.kernels.drift_triton import supports
+
+        if not supports(gen, pos, neg):
+            reason = "the problem is larger than the kernel handles (C_g, C_p <= 128, C_n <= 64)"
+    if reason is None:
+        return True
+    if impl == "fused":
+        raise ValueError(f"impl: 'fused' cannot run here: {reason}; use impl='auto' or 'reference'")
+    return False
+
+
+def fused_drift_loss(*args, **kwargs):
+    from drifting.kernels.drift_triton import fused_drift_loss as fused
+
+    return fused(*args, **kwargs)

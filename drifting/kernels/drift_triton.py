@@ -1,0 +1,354 @@
+"""Fused Triton implementation of `drifting.drift.drift_loss` (same semantics, same global statistics).
+
+One Triton program handles one problem b (its C_g generated rows against its T = C_g + C_n + C_p targets) and never
+writes a [B, C_g, T] tensor to memory: distances, both softmaxes, the affinities and the force coefficients live in
+registers. The call makes three passes over the inputs, because the global statistics of the authors' loss are
+needed before the next step can start:
+
+    pass 1  per problem: sum_ij w_j d_ij and C_g sum_j w_j         -> scale (a float64 sum over problems / ranks)
+    pass 2  per problem and temperature: sum_is F_R^2               -> lambda_R (same)
+    pass 3  per problem: F = sum_R F_R / lambda_R (one product, since the force is linear in the coefficients),
+            loss_b = mean_is F^2 and d loss_b / d gen = -2 F / (s_in C_g S), written once
+
+Each pass recomputes the distances (one [C_g, S] x [S, T] product). Precision: with bf16 inputs the distance
+product runs on bf16 tensor cores with fp32 accumulation, which is exact for the products of bf16 values; in pass 3
+the fp32 force coefficients are split into a bf16 high and low part (two products, ~16 mantissa bits), so the force
+and the gradient keep about 1e-5 relative accuracy. Pass 2 needs only sums of squares of the forces, whose rounding
+errors average out, so it uses the high part alone. With other input dtypes every product runs in full fp32
+("ieee"). Counted in [C_g, S] x [S, T] products, a call costs 1 + (1 + R) + (1 + 2) = 8 for R = 3 temperatures,
+against 1 + R = 4 for a single pass that could keep everything on chip.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from drifting.drift import MIN_SCALE, MIN_SQUARED_DISTANCE, DriftStats
+
+# The interpreter (TRITON_INTERPRET=1, used to test the kernel on a CPU) cannot multiply bf16 matrices correctly;
+# there the products are taken in fp32 after upcasting, which is exact for bf16 values anyway.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MAX_BLOCK_ROWS = 128  # C_g and C_p up to 128 (the paper uses 64 and 128); larger problems use the reference path
+MAX_BLOCK_NEG = 64
+NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _force_dot(coef, y, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+    """coef [M, K] fp32 @ y [K, N] (bf16 or fp32).
+
+    With bf16 y and SPLIT, coef = hi + lo in bf16 (two products): the coefficients keep ~16 mantissa bits.
+    Without SPLIT one bf16 product (8 bits): used only for the sums of squares behind lambda_R, where the rounding
+    errors average out over C_g * S terms per problem (measured against the reference in tests/test_kernels.py).
+    """
+    if IEEE or UPCAST:
+        return _dot(coef, y.to(tl.float32), True, UPCAST)
+    elif SPLIT:
+        hi = coef.to(tl.bfloat16)
+        lo = (coef - hi.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(hi, y) + tl.dot(lo, y)
+    else:
+        return tl.dot(coef.to(tl.bfloat16), y)
+
+
+@triton.jit
+def _load_rows(ptr, stride_b, stride_r, stride_s, b, rows, n_rows, cols, S):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < S)
+    return tl.load(ptr + b * stride_b + rows[:, None] * stride_r + cols[None, :] * stride_s, mask=mask, other=0.0)
+
+
+@triton.jit
+def _affinity(logits, row_max, row_sum, col_max, col_sum, valid, floor, NORMALIZE: tl.constexpr):
+    """Normalised kernel of one target block from the row/column softmax statistics; padding gets 0."""
+    if NORMALIZE == 0:
+        row = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
+        col = tl.exp(logits - col_max[None, :]) / col_sum[None, :]
+        a = tl.sqrt(tl.maximum(row * col, floor))
+    elif NORMALIZE == 1:
+        a = tl.maximum(tl.exp(logits - row_max[:, None]) / row_sum[:, None], tl.sqrt(floor))
+    else:
+        a = tl.maximum(tl.exp(logits), tl.sqrt(floor))
+    return tl.where(valid, a, 0.0)
+
+
+@triton.jit
+def _drift_kernel(
+    gen_ptr, neg_ptr, pos_ptr, wg_ptr, wn_ptr, wp_ptr, temps_ptr, inv_lambda_ptr,
+    out_ptr, grad_ptr, params_ptr,
+    sgb, sgr, sgs, snb, snr, sns, spb, spr, sps,
+    CG, CN, CP, S,
+    floor, self_mask, attraction, repulsion,
+    PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
+    BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    rg = tl.arange(0, BG)
+    rn = tl.arange(0, BN)
+    rp = tl.arange(0, BP)
+    rs = tl.arange(0, BS)
+    valid_g = rg < CG
+    valid_n = rn < CN
+    valid_p = rp < CP
+
+    # ---- distances d_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)), one block per target group ----------
+    acc_gg = tl.zeros((BG, BG), dtype=tl.float32)
+    acc_gn = tl.zeros((BG, BN), dtype=tl.float32)
+    acc_gp = tl.zeros((BG, BP), dtype=tl.float32)
+    sq_g = tl.zeros((BG,), dtype=tl.float32)
+    sq_n = tl.zeros((BN,), dtype=tl.float32)
+    sq_p = tl.zeros((BP,), dtype=tl.float32)
+    for s0 in range(0, S, BS):
+        cols = s0 + rs
+        xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
+        xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
+        acc_gg += _dot(xg, tl.trans(xg), IEEE, UPCAST)
+        acc_gp += _dot(xg, tl.trans(xp), IEEE, UPCAST)
+        xg32 = xg.to(tl.float32)
+        xp32 = xp.to(tl.float32)
+        sq_g += tl.sum(xg32 * xg32, axis=1)
+        sq_p += tl.sum(xp32 * xp32, axis=1)
+        if HAS_NEG:
+            xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
+            acc_gn += _dot(xg, tl.trans(xn), IEEE, UPCAST)
+            xn32 = xn.to(tl.float32)
+            sq_n += tl.sum(xn32 * xn32, axis=1)
+    d_gg = tl.sqrt(tl.maximum(sq_g[:, None] + sq_g[None, :] - 2.0 * acc_gg, 1e-8))
+    d_gn = tl.sqrt(tl.maximum(sq_g[:, None] + sq_n[None, :] - 2.0 * acc_gn, 1e-8))
+    d_gp = tl.sqrt(tl.maximum(sq_g[:, None] + sq_p[None, :] - 2.0 * acc_gp, 1e-8))
+
+    # ---- target weights (after normalisation, as in the authors' code); padding weighs 0 -----------------------
+    if HAS_WG:
+        w_g = tl.load(wg_ptr + b * CG + rg, mask=valid_g, other=0.0).to(tl.float32)
+    else:
+        w_g = tl.where(valid_g, 1.0, 0.0)
+    if HAS_WN:
+        w_n = tl.load(wn_ptr + b * CN + rn, mask=valid_n, other=0.0).to(tl.float32)
+    else:
+        w_n = tl.where(valid_n, 1.0, 0.0)
+    if HAS_WP:
+        w_p = tl.load(wp_ptr + b * CP + rp, mask=valid_p, other=0.0).to(tl.float32)
+    else:
+        w_p = tl.where(valid_p, 1.0, 0.0)
+
+    m_gg = valid_g[:, None] & valid_g[None, :]
+    m_gn = valid_g[:, None] & valid_n[None, :]
+    m_gp = valid_g[:, None] & valid_p[None, :]
+
+    if PASS == 1:
+        total = tl.sum(tl.sum(tl.where(m_gg, d_gg * w_g[None, :], 0.0), axis=1), axis=0)
+        total += tl.sum(tl.sum(tl.where(m_gp, d_gp * w_p[None, :], 0.0), axis=1), axis=0)
+        weights = tl.sum(w_g, axis=0) + tl.sum(w_p, axis=0)
+        if HAS_NEG:
+            total += tl.sum(tl.sum(tl.where(m_gn, d_gn * w_n[None, :], 0.0), axis=1), axis=0)
+            weights += tl.sum(w_n, axis=0)
+        tl.store(out_ptr + b * 2, total)
+        tl.store(out_ptr + b * 2 + 1, weights * CG)
+    else:
+        # normalised distances with the self-mask, in units of the global scale (read from memory: no host sync)
+        scale = tl.load(params_ptr)
+        s_in = tl.load(params_ptr + 1)
+        inv_scale = 1.0 / tl.maximum(scale, 1e-3)
+        n_gg = d_gg * inv_scale + tl.where(rg[:, None] == rg[None, :], self_mask, 0.0)
+        n_gn = d_gn * inv_scale
+        n_gp = d_gp * inv_scale
+        coef_gg = tl.zeros((BG, BG), dtype=tl.float32)
+        coef_gn = tl.zeros((BG, BN), dtype=tl.float32)
+        coef_gp = tl.zeros((BG, BP), dtype=tl.float32)
+        for r in tl.static_range(R):
+            inv_tau = 1.0 / tl.load(temps_ptr + r)
+            # padding gets the logit -1e30: its exp() is exactly 0, and unlike -inf it never makes a NaN
+            l_gg = tl.where(m_gg, -n_gg * inv_tau, -1.0e30)
+            l_gn = tl.where(m_gn, -n_gn * inv_tau, -1.0e30)
+            l_gp = tl.where(m_gp, -n_gp * inv_tau, -1.0e30)
+            # softmax over targets (per row) spans the three blocks; over generated rows (per column) each block
+            row_max = tl.maximum(tl.max(l_gg, axis=1), tl.max(l_gp, axis=1))
+            if HAS_NEG:
+                row_max = tl.maximum(row_max, tl.max(l_gn, axis=1))
+            row_sum = tl.sum(tl.exp(l_gg - row_max[:, None]), axis=1) + tl.sum(tl.exp(l_gp - row_max[:, None]), axis=1)
+            if HAS_NEG:
+                row_sum += tl.sum(tl.exp(l_gn - row_max[:, None]), axis=1)
+            cmax_gg = tl.max(l_gg, axis=0)
+            cmax_gp = tl.max(l_gp, axis=0)
+            a_gg = _affinity(l_gg, row_max, row_sum, cmax_gg, tl.sum(tl.exp(l_gg - cmax_gg[None, :]), axis=0),
+                             m_gg, floor, NORMALIZE) * w_g[None, :]
+            a_gp = _affinity(l_gp, row_max, row_sum, cmax_gp, tl.sum(tl.exp(l_gp - cmax_gp[None, :]), axis=0),
+                             m_gp, floor, NORMALIZE) * w_p[None, :]
+            s_neg = tl.sum(a_gg, axis=1)
+            s_pos = tl.sum(a_gp, axis=1)
+            if HAS_NEG:
+                cmax_gn = tl.max(l_gn, axis=0)
+                a_gn = _affinity(l_gn, row_max, row_sum, cmax_gn, tl.sum(tl.exp(l_gn - cmax_gn[None, :]), axis=0),
+                                 m_gn, floor, NORMALIZE) * w_n[None, :]
+                s_neg += tl.sum(a_gn, axis=1)
+            # W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1/lambda_R into one set of coefficients
+            if PASS == 2:
+                c_gg = -repulsion * a_gg * s_pos[:, None]
+                c_gp = attraction * a_gp * s_neg[:, None]
+                rsum = tl.sum(c_gg, axis=1) + tl.sum(c_gp, axis=1)
+                if HAS_NEG:
+                    c_gn = -repulsion * a_gn * s_pos[:, None]
+                    rsum += tl.sum(c_gn, axis=1)
+                # sum over (i, s) of F_R^2, F_R = (coef @ Y - rowsum(coef) x) / s_in
+                f_sq = tl.zeros((BG,), dtype=tl.float32)
+                for s0 in range(0, S, BS):
+                    cols = s0 + rs
+                    xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
+                    xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
+                    f = _force_dot(c_gg, xg, IEEE, UPCAST, False) + _force_dot(c_gp, xp, IEEE, UPCAST, False)
+                    if HAS_NEG:
+                        xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
+                        f += _force_dot(c_gn, xn, IEEE, UPCAST, False)
+                    f -= rsum[:, None] * xg.to(tl.float32)
+                    f_sq += tl.sum(f * f, axis=1)
+                tl.store(out_ptr + b * R + r, tl.sum(f_sq, axis=0) / (s_in * s_in))
+            else:
+                inv_lambda = tl.load(inv_lambda_ptr + r)
+                coef_gg += (-repulsion * inv_lambda) * a_gg * s_pos[:, None]
+                coef_gp += (attraction * inv_lambda) * a_gp * s_neg[:, None]
+                if HAS_NEG:
+                    coef_gn += (-repulsion * inv_lambda) * a_gn * s_pos[:, None]
+        if PASS == 3:
+            rsum = tl.sum(coef_gg, axis=1) + tl.sum(coef_gp, axis=1)
+            if HAS_NEG:
+                rsum += tl.sum(coef_gn, axis=1)
+            # F = sum_R F_R / lambda_R; the residual gen/s_in - goal is exactly -F
+            loss = tl.zeros((BG,), dtype=tl.float32)
+            grad_scale = -2.0 / (s_in * CG * S)
+            for s0 in range(0, S, BS):
+                cols = s0 + rs
+                xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
+                xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
+                f = _force_dot(coef_gg, xg, IEEE, UPCAST, True) + _force_dot(coef_gp, xp, IEEE, UPCAST, True)
+                if HAS_NEG:
+                    xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
+                    f += _force_dot(coef_gn, xn, IEEE, UPCAST, True)
+                f = (f - rsum[:, None] * xg.to(tl.float32)) / s_in
+                loss += tl.sum(f * f, axis=1)
+                if WRITE_GRAD:
+                    mask = valid_g[:, None] & (cols[None, :] < S)
+                    offs = b * CG * S + rg[:, None] * S + cols[None, :]
+                    tl.store(grad_ptr + offs, (grad_scale * f).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + b, tl.sum(loss, axis=0) / (CG * S))
+
+
+def _next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+    """Whether the fused kernel handles these shapes (otherwise `drift_loss` uses the reference path)."""
+    c_n = 0 if neg is None else neg.shape[1]
+    return (gen.shape[1] <= MAX_BLOCK_ROWS and pos.shape[1] <= MAX_BLOCK_ROWS and c_n <= MAX_BLOCK_NEG
+            and gen.dtype in (torch.float32, torch.bfloat16, torch.float16) and gen.shape[2] >= 1)
+
+
+class _FusedDriftLoss(torch.autograd.Function):
+    """loss [B] with a gradient computed during the forward pass (pass 3 writes it next to the loss)."""
+
+    @staticmethod
+    def forward(ctx, gen: Tensor, loss: Tensor, grad: Tensor | None) -> Tensor:
+        ctx.save_for_backward(grad)
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if ctx.consumed:
+            raise RuntimeError("fused drift_loss: backward can run only once (the gradient buffer is reused)")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        # in place: the buffer is ours, and a second [B, C_g, S] tensor would double the peak memory
+        return grad.mul_(grad_loss.to(grad.dtype)[:, None, None]), None, None
+
+
+def fused_drift_loss(
+    gen: Tensor, pos: Tensor, neg: Tensor | None, *, temperatures, gen_weight, pos_weight, neg_weight, normalize,
+    affinity_floor, self_mask, attraction, repulsion, all_reduce, stats, block_s: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`drift_loss` on CUDA (or under TRITON_INTERPRET=1): same arguments, checked by the caller."""
+    b, c_g, s = gen.shape
+    c_p = pos.shape[1]
+    c_n = 0 if neg is None else neg.shape[1]
+    has_neg = c_n > 0
+    # bf16 inputs run on bf16 tensor cores; anything else (fp32, fp16, mixed) is computed in full fp32
+    ieee = not all(t.dtype == torch.bfloat16 for t in (gen, pos, neg) if t is not None)
+    dtype = torch.float32 if ieee else torch.bfloat16
+    x = gen.detach().to(dtype)
+    pos = pos.detach().to(dtype)
+    neg = neg.detach().to(dtype) if has_neg else None
+    device = gen.device
+    f32 = dict(dtype=torch.float32, device=device)
+    weights = [None if w is None else w.detach().float().contiguous() for w in (gen_weight, neg_weight, pos_weight)]
+    if not has_neg:
+        weights[1] = None
+    dummy = torch.empty(1, **f32)
+    temps = torch.tensor(temperatures, **f32)
+    block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
+    bs = block_s or (64 if max(block_g, block_p) > 64 else 128)
+    warps = num_warps or (8 if max(block_g, block_p) > 64 else 4)
+    neg_t = neg if has_neg else x
+    common = dict(
+        CG=c_g, CN=c_n, CP=c_p, S=s, floor=float(affinity_floor), self_mask=float(self_mask),
+        attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
+        NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
+        HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
+        IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps,
+    )
+    pointers = (x, neg_t, pos, *(w if w is not None else dummy for w in weights), temps)
+    strides = (*x.stride(), *neg_t.stride(), *pos.stride())
+
+    def launch(pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None) -> None:
+        _drift_kernel[(b,)](*pointers, inv_lambda, out, grad if grad is not None else dummy, params, *strides,
+                            PASS=pass_, WRITE_GRAD=grad is not None, **common)
+
+    def scales(scale: Tensor) -> Tensor:
+        """[scale, s_in] as float32 on the device; the statistics never leave the GPU."""
+        return torch.stack([scale, (scale / math.sqrt(s)).clamp_min(MIN_SCALE)]).float()
+
+    if stats is None:
+        part = torch.empty(b, 2, **f32)
+        launch(1, part, dummy, dummy, None)
+        sums = part.double().sum(0)
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        scale = sums[0] / sums[1]
+        part = torch.empty(b, len(temperatures), **f32)
+        launch(2, part, scales(scale), dummy, None)
+        count = torch.full((1,), float(b * c_g * s), dtype=torch.float64, device=device)
+        squares = torch.cat([part.double().sum(0), count])
+        if all_reduce is not None:
+            squares = all_reduce(squares)
+        stats = DriftStats(scale, squares[:-1] / squares[-1])
+    params = scales(stats.scale.to(device))
+    inv_lambda = stats.drift_rms.to(device).reciprocal().float()
+    loss = torch.empty(b, **f32)
+    needs_grad = torch.is_grad_enabled() and gen.requires_grad
+    grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=device) if needs_grad else None
+    launch(3, loss, params, inv_lambda, grad)
+    info = {"scale": stats.scale, "drift_ms": stats.drift_ms}
+    if needs_grad:
+        return _FusedDriftLoss.apply(gen, loss, grad), info
+    return loss, info
+
+
+assert MIN_SQUARED_DISTANCE == 1e-8  # the kernel hard-codes the authors' clamp of the squared distance

@@ -1,0 +1,116 @@
+"""The fused Triton drifting loss equals the reference implementation (loss, gradient, statistics). GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drifting.drift import drift_loss, drift_stats
+from drifting.kernels import HAS_TRITON
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton"),
+]
+
+SHAPES = [  # B, C_g, C_p, C_n, S
+    (64, 64, 64, 16, 256),  # the paper's ablation sizes
+    (7, 5, 3, 0, 1),  # tiny, no unconditional negatives
+    (9, 17, 33, 5, 100),  # odd everything
+    (11, 31, 63, 7, 513),
+    (5, 64, 64, 16, 4096),  # the raw latent key
+    (3, 128, 128, 64, 2048),  # the largest blocks the kernel takes
+]
+
+
+def inputs(shape, dtype, seed=0, weights=True):
+    b, c_g, c_p, c_n, s = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.randn(b, c_g, s, generator=g, device="cuda").to(dtype)
+    pos = (torch.randn(b, c_p, s, generator=g, device="cuda") + 0.2).to(dtype)
+    neg = torch.randn(b, c_n, s, generator=g, device="cuda").to(dtype) if c_n else None
+    w = torch.rand(b, c_n, generator=g, device="cuda") * 4 if (c_n and weights) else None
+    return gen, pos, neg, w
+
+
+def relative(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def run(impl, gen, pos, neg, w, **kwargs):
+    leaf = gen.detach().clone().requires_grad_()
+    loss, info = drift_loss(leaf, pos, neg, neg_weight=w, impl=impl, **kwargs)
+    loss.sum().backward()
+    return loss.detach(), leaf.grad, info
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_equals_reference_fp32(shape):
+    gen, pos, neg, w = inputs(shape, torch.float32)
+    loss_r, grad_r, info_r = run("reference", gen, pos, neg, w)
+    loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)
+    assert relative(loss_f, loss_r) < 1e-4
+    assert relative(grad_f, grad_r) < 1e-4
+    assert relative(info_f["scale"], info_r["scale"]) < 1e-5
+    assert relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_equals_reference_bf16(shape):
+    """bf16 inputs: bf16 tensor-core distances (exact products) and hi/lo-split force coefficients."""
+    gen, pos, neg, w = inputs(shape, torch.bfloat16)
+    # The reference upcasts the same bf16 values; its fp32 gradient is the target, the fused one is rounded to bf16.
+    loss_r, grad_r, info_r = run("reference", gen.float(), pos.float(), None if neg is None else neg.float(), w)
+    loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)
+    assert grad_f.dtype == torch.bfloat16
+    assert relative(loss_f, loss_r) < 1e-4
+    assert relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
+    torch.testing.assert_close(grad_f.float(), grad_r, rtol=8e-3, atol=1e-3 * grad_r.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(normalize="y"), dict(normalize="none", temperatures=(0.5, 1.0)), dict(affinity_floor=0.0),
+     dict(attraction=1.5, repulsion=1.0), dict(repulsion=2.0), dict(temperatures=(0.05,)), dict(self_mask=1e6)],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_fused_options(options):
+    gen, pos, neg, w = inputs((13, 24, 40, 8, 96), torch.float32, seed=1)
+    loss_r, grad_r, _ = run("reference", gen, pos, neg, w, **options)
+    loss_f, grad_f, _ = run("fused", gen, pos, neg, w, **options)
+    assert relative(loss_f, loss_r) < 1e-4 and relative(grad_f, grad_r) < 1e-4
+
+
+def test_fused_weights_on_every_column_and_strided_input():
+    gen, pos, neg, _ = inputs((6, 12, 20, 4, 64), torch.float32, seed=2)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    weights = dict(gen_weight=torch.rand(6, 12, generator=g, device="cuda"),
+                   pos_weight=torch.rand(6, 20, generator=g, device="cuda"),
+                   neg_weight=torch.rand(6, 4, generator=g, device="cuda"))
+    strided = gen.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not strided.is_contiguous()
+    results = []
+    for impl, x in (("reference", gen), ("fused", strided)):
+        leaf = x.detach().clone().requires_grad_() if impl == "reference" else x.detach().requires_grad_()
+        loss, _ = drift_loss(leaf, pos, neg, impl=impl, **weights)
+        loss.mean().backward()
+        results.append((loss.detach(), leaf.grad))
+    assert relative(results[1][0], results[0][0]) < 1e-4 and relative(results[1][1], results[0][1]) < 1e-4
+
+
+def test_fused_with_precomputed_stats_over_chunks():
+    gen, pos, neg, w = inputs((16, 32, 32, 8, 128), torch.float32, seed=4)
+    whole, grad_whole, _ = run("fused", gen, pos, neg, w)
+    stats = drift_stats(gen, pos, neg, neg_weight=w)
+    parts = [drift_loss(gen[i:i + 8], pos[i:i + 8], neg[i:i + 8], neg_weight=w[i:i + 8], stats=stats,
+                        impl="fused")[0] for i in (0, 8)]
+    assert relative(torch.cat(parts), whole) < 1e-4
+
+
+def test_auto_uses_reference_beyond_kernel_limits():
+    gen, pos, neg, w = inputs((2, 200, 16, 4, 32), torch.float32)
+    with pytest.raises(ValueError, match="impl"):
+        drift_loss(gen, pos, neg, impl="fused")
+    loss_auto, _ = drift_loss(gen, pos, neg, impl="auto")
+    loss_ref, _ = drift_loss(gen, pos, neg, impl="reference")
+    torch.testing.assert_close(loss_auto, loss_ref)
