@@ -21,14 +21,14 @@ def main() -> None:
     locations, s = KEYS[args.key]
     gen, pos, neg, w = make_inputs(locations, s, "cuda")
     print(f"key {args.key}: floor {floor_ms(locations, s):.2f} ms")
-    for block_s in (32, 64, 128):
-        for warps in (4, 8):
+    for block_s, warps, stages in [(bs, w, st) for bs in (32, 64, 128) for w in (4, 8, 16) for st in (1, 2)]:
+        if True:
             def step():
                 gen.grad = None
                 loss, _ = fused_drift_loss(
                     gen, pos, neg, temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, neg_weight=w,
                     normalize="xy", affinity_floor=1e-6, self_mask=100.0, attraction=1.0, repulsion=1.0,
-                    all_reduce=None, stats=None, block_s=block_s, num_warps=warps)
+                    all_reduce=None, stats=None, block_s=block_s, num_warps=warps, num_stages=stages)
                 loss.mean().backward()
 
             try:
@@ -39,9 +39,10 @@ def main() -> None:
                     step()
                 end.record()
                 torch.cuda.synchronize()
-                print(f"block_s {block_s:>4} warps {warps}: {start.elapsed_time(end) / args.repeat:8.2f} ms")
+                print(f"block_s {block_s:>4} warps {warps:>2} stages {stages}: "
+                      f"{start.elapsed_time(end) / args.repeat:8.2f} ms")
             except Exception as err:  # out of resources for a configuration: report it and go on
-                print(f"block_s {block_s:>4} warps {warps}: failed ({type(err).__name__}: {str(err)[:80]})")
+                print(f"block_s {block_s:>4} warps {warps:>2} stages {stages}: failed ({type(err).__name__})")
 
 
 if __name__ == "__main__":

@@ -75,17 +75,21 @@ def _load_rows(ptr, stride_b, stride_r, stride_s, b, rows, n_rows, cols, S):
 
 
 @triton.jit
-def _affinity(logits, row_max, row_sum, col_max, col_sum, valid, floor, NORMALIZE: tl.constexpr):
-    """Normalised kernel of one target block from the row/column softmax statistics; padding gets 0."""
+def _affinity(logits, row_max, row_sum, col_max, col_sum, valid, sqrt_floor, NORMALIZE: tl.constexpr):
+    """Normalised kernel of one target block from the row/column softmax statistics; padding gets 0.
+
+    For "xy", sqrt(softmax_row * softmax_col) = exp(l - (m_row + m_col) / 2) / sqrt(Z_row Z_col): one exponential
+    per entry instead of two and a square root, and no underflow of the product. max(A, sqrt(floor)) equals
+    sqrt(max(A^2, floor)) because the square root is monotone.
+    """
     if NORMALIZE == 0:
-        row = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
-        col = tl.exp(logits - col_max[None, :]) / col_sum[None, :]
-        a = tl.sqrt(tl.maximum(row * col, floor))
+        a = tl.exp(logits - 0.5 * row_max[:, None] - 0.5 * col_max[None, :])
+        a = a * (tl.rsqrt(row_sum)[:, None] * tl.rsqrt(col_sum)[None, :])
     elif NORMALIZE == 1:
-        a = tl.maximum(tl.exp(logits - row_max[:, None]) / row_sum[:, None], tl.sqrt(floor))
+        a = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
     else:
-        a = tl.maximum(tl.exp(logits), tl.sqrt(floor))
-    return tl.where(valid, a, 0.0)
+        a = tl.exp(logits)
+    return tl.where(valid, tl.maximum(a, sqrt_floor), 0.0)
 
 
 @triton.jit
@@ -94,7 +98,7 @@ def _drift_kernel(
     out_ptr, grad_ptr, params_ptr,
     sgb, sgr, sgs, snb, snr, sns, spb, spr, sps,
     CG, CN, CP, S,
-    floor, self_mask, attraction, repulsion,
+    sqrt_floor, self_mask, attraction, repulsion,
     PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
@@ -189,15 +193,15 @@ def _drift_kernel(
             cmax_gg = tl.max(l_gg, axis=0)
             cmax_gp = tl.max(l_gp, axis=0)
             a_gg = _affinity(l_gg, row_max, row_sum, cmax_gg, tl.sum(tl.exp(l_gg - cmax_gg[None, :]), axis=0),
-                             m_gg, floor, NORMALIZE) * w_g[None, :]
+                             m_gg, sqrt_floor, NORMALIZE) * w_g[None, :]
             a_gp = _affinity(l_gp, row_max, row_sum, cmax_gp, tl.sum(tl.exp(l_gp - cmax_gp[None, :]), axis=0),
-                             m_gp, floor, NORMALIZE) * w_p[None, :]
+                             m_gp, sqrt_floor, NORMALIZE) * w_p[None, :]
             s_neg = tl.sum(a_gg, axis=1)
             s_pos = tl.sum(a_gp, axis=1)
             if HAS_NEG:
                 cmax_gn = tl.max(l_gn, axis=0)
                 a_gn = _affinity(l_gn, row_max, row_sum, cmax_gn, tl.sum(tl.exp(l_gn - cmax_gn[None, :]), axis=0),
-                                 m_gn, floor, NORMALIZE) * w_n[None, :]
+                                 m_gn, sqrt_floor, NORMALIZE) * w_n[None, :]
                 s_neg += tl.sum(a_gn, axis=1)
             # W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1/lambda_R into one set of coefficients
             if PASS == 2:
@@ -283,7 +287,7 @@ class _FusedDriftLoss(torch.autograd.Function):
 def fused_drift_loss(
     gen: Tensor, pos: Tensor, neg: Tensor | None, *, temperatures, gen_weight, pos_weight, neg_weight, normalize,
     affinity_floor, self_mask, attraction, repulsion, all_reduce, stats, block_s: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`drift_loss` on CUDA (or under TRITON_INTERPRET=1): same arguments, checked by the caller."""
     b, c_g, s = gen.shape
@@ -304,15 +308,19 @@ def fused_drift_loss(
     dummy = torch.empty(1, **f32)
     temps = torch.tensor(temperatures, **f32)
     block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
-    bs = block_s or (64 if max(block_g, block_p) > 64 else 128)
-    warps = num_warps or (8 if max(block_g, block_p) > 64 else 4)
+    large = max(block_g, block_p) > 64
+    # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py); large blocks need less shared
+    # memory per stage (fp32 coefficient tiles of 128 x 128 are dot operands)
+    bs = block_s or (32 if large else 64)
+    warps = num_warps or 8
+    stages = num_stages or (1 if large else 2)
     neg_t = neg if has_neg else x
     common = dict(
-        CG=c_g, CN=c_n, CP=c_p, S=s, floor=float(affinity_floor), self_mask=float(self_mask),
+        CG=c_g, CN=c_n, CP=c_p, S=s, sqrt_floor=math.sqrt(affinity_floor), self_mask=float(self_mask),
         attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
         NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
         HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
-        IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps,
+        IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages,
     )
     pointers = (x, neg_t, pos, *(w if w is not None else dummy for w in weights), temps)
     strides = (*x.stride(), *neg_t.stride(), *pos.stride())
