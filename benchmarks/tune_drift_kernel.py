@@ -17,11 +17,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--key", default="32x32", choices=list(KEYS))
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--block-s", default="32,64,128")
+    parser.add_argument("--warps", default="4,8,16")
+    parser.add_argument("--stages", default="1,2")
     args = parser.parse_args()
     locations, s = KEYS[args.key]
     gen, pos, neg, w = make_inputs(locations, s, "cuda")
     print(f"key {args.key}: floor {floor_ms(locations, s):.2f} ms")
-    for block_s, warps, stages in [(bs, w, st) for bs in (32, 64, 128) for w in (4, 8, 16) for st in (1, 2)]:
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    grid = [(bs, w, st) for bs in ints(args.block_s) for w in ints(args.warps) for st in ints(args.stages)]
+    for block_s, warps, stages in grid:
         if True:
             def step():
                 gen.grad = None

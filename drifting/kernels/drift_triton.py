@@ -102,7 +102,7 @@ def _drift_kernel(
     PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_GRAD: tl.constexpr, UNROLL_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rg = tl.arange(0, BG)
@@ -177,7 +177,8 @@ def _drift_kernel(
         coef_gg = tl.zeros((BG, BG), dtype=tl.float32)
         coef_gn = tl.zeros((BG, BN), dtype=tl.float32)
         coef_gp = tl.zeros((BG, BP), dtype=tl.float32)
-        for r in tl.static_range(R):
+        # a rolled loop over temperatures keeps one temperature's temporaries live at a time (fewer registers)
+        for r in tl.range(0, R, loop_unroll_factor=UNROLL_R):
             inv_tau = 1.0 / tl.load(temps_ptr + r)
             # padding gets the logit -1e30: its exp() is exactly 0, and unlike -inf it never makes a NaN
             l_gg = tl.where(m_gg, -n_gg * inv_tau, -1.0e30)
@@ -314,13 +315,14 @@ def fused_drift_loss(
     bs = block_s or (32 if large else 128)
     warps = num_warps or 8
     stages = num_stages or (1 if large else 2)
+    unroll_r = int(os.environ.get("DRIFTING_UNROLL_R", "1"))
     neg_t = neg if has_neg else x
     common = dict(
         CG=c_g, CN=c_n, CP=c_p, S=s, sqrt_floor=math.sqrt(affinity_floor), self_mask=float(self_mask),
         attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
         NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
         HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
-        IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages,
+        IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages, UNROLL_R=unroll_r,
     )
     pointers = (x, neg_t, pos, *(w if w is not None else dummy for w in weights), temps)
     strides = (*x.stride(), *neg_t.stride(), *pos.stride())
