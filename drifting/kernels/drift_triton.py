@@ -310,10 +310,11 @@ def fused_drift_loss(
     temps = torch.tensor(temperatures, **f32)
     block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
     large = max(block_g, block_p) > 64
-    # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py); large blocks need less shared
-    # memory per stage (fp32 coefficient tiles of 128 x 128 are dot operands)
-    bs = block_s or (32 if large else 128)
-    warps = num_warps or 8
+    # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py, docs/benchmarks.md): 64-wide
+    # tiles of S, one warpgroup, a rolled temperature loop: 28 ms against 41-48 ms for the other settings tried.
+    # Blocks of 128 rows need less shared memory per stage (their fp32 coefficient tiles are dot operands).
+    bs = block_s or (32 if large else 64)
+    warps = num_warps or (8 if large else 4)
     stages = num_stages or (1 if large else 2)
     unroll_r = int(os.environ.get("DRIFTING_UNROLL_R", "1"))
     neg_t = neg if has_neg else x
