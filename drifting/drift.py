@@ -282,6 +282,11 @@ class DriftStats(NamedTuple):
     scale: Tensor
     drift_ms: Tensor
 
+    @classmethod
+    def from_sums(cls, scale_sums: Tensor, square_sums: Tensor) -> DriftStats:
+        """Statistics from the totals of `scale_sums` and `field_square_sums` over the whole batch."""
+        return cls(scale_sums[0] / scale_sums[1], square_sums[:-1] / square_sums[-1])
+
     @property
     def drift_rms(self) -> Tensor:
         """lambda per temperature: sqrt(max(drift_ms, 1e-8))."""
@@ -436,31 +441,92 @@ def drift_loss(
     return torch.cat(losses), {"scale": stats.scale, "drift_ms": stats.drift_ms}
 
 
-def _stats(problems, chunks, options, all_reduce, keep_forces):
-    """Two passes over the chunks: the distance scale, then the mean square field per temperature."""
-    temperatures = options[0]
+def _scale_sums(problems, chunks) -> Tensor:
+    """[sum_{b,i,j} w_bj d_bij, C_g sum_{b,j} w_bj] (float64) over the chunks: scale = first / second."""
+    sums = None
     with torch.no_grad():
-        sums = None
         for sl in chunks:
             p = problems(sl)
             dist = pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE)
-            # scale = sum_{b,i,j} w_bj d_bij / (C_g sum_{b,j} w_bj): both sums over the whole call.
             part = torch.stack([(dist * p.weight[:, None, :]).sum().double(), p.x.shape[1] * p.weight.sum().double()])
             sums = part if sums is None else sums + part
-        if all_reduce is not None:
-            sums = all_reduce(sums)
-        scale = sums[0] / sums[1]
+    return sums
 
-        squares, forces = None, None
+
+def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list[Tensor]]:
+    """[sum F_tau^2 for each tau, number of field entries] (float64) at this scale, and the last chunk's forces."""
+    squares, forces = None, []
+    with torch.no_grad():
         for sl in chunks:
             p = problems(sl)
             forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale.to(p.x.dtype), *options)
             part = torch.stack([f.square().sum().double() for f in forces] + [p.x.new_tensor(p.x.numel()).double()])
             squares = part if squares is None else squares + part
-        if all_reduce is not None:
-            squares = all_reduce(squares)
-        drift_ms = squares[: len(temperatures)] / squares[-1]
-    return DriftStats(scale, drift_ms), (forces if keep_forces else None)
+    return squares, forces
+
+
+def _stats(problems, chunks, options, all_reduce, keep_forces):
+    """Two passes over the chunks: the distance scale, then the mean square field per temperature."""
+    sums = _scale_sums(problems, chunks)
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    squares, forces = _square_sums(problems, chunks, sums[0] / sums[1], options)
+    if all_reduce is not None:
+        squares = all_reduce(squares)
+    return DriftStats.from_sums(sums, squares), (forces if keep_forces else None)
+
+
+def scale_sums(
+    gen: Tensor,
+    pos: Tensor,
+    neg: Tensor | None = None,
+    *,
+    gen_weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    neg_weight: Tensor | None = None,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """First partial sums of the statistics: [sum w d, C_g sum w] (float64, [2]) of these problems.
+
+    Add them over class chunks that are never in memory together (and over processes), then pass the total to
+    `field_square_sums` and `DriftStats.from_sums`. Arguments as in `drift_loss`.
+    """
+    _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, (1.0,), "xy", 0.0, 0.0, 1.0, 1.0,
+                       chunk_size, check_finite)
+    problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
+    return _scale_sums(problems, _chunks(gen.shape[0], chunk_size))
+
+
+def field_square_sums(
+    gen: Tensor,
+    pos: Tensor,
+    neg: Tensor | None = None,
+    *,
+    total_scale_sums: Tensor,
+    temperatures: Sequence[float] = (0.02, 0.05, 0.2),
+    gen_weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    neg_weight: Tensor | None = None,
+    normalize: Normalize = "xy",
+    affinity_floor: float = CODE_AFFINITY_FLOOR,
+    self_mask: float = CODE_SELF_MASK,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """Second partial sums: [sum F_tau^2 for each tau, number of entries] (float64, [R + 1]) of these problems,
+    at the scale given by `total_scale_sums` (the `scale_sums` of the whole batch). Arguments as in `drift_loss`."""
+    temperatures = tuple(temperatures)
+    _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
+                       self_mask, attraction, repulsion, chunk_size, check_finite)
+    if not isinstance(total_scale_sums, Tensor) or total_scale_sums.shape != (2,):
+        raise ValueError("total_scale_sums: expected the [2] tensor returned by scale_sums (summed over chunks)")
+    problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
+    options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
+    scale = (total_scale_sums[0] / total_scale_sums[1]).to(gen.device)
+    return _square_sums(problems, _chunks(gen.shape[0], chunk_size), scale, options)[0]
 
 
 def drift_stats(

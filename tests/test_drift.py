@@ -336,3 +336,28 @@ def test_bad_input_is_rejected_before_any_computation(monkeypatch):
     monkeypatch.setattr(drift, "pairwise_distance", fail)
     with pytest.raises(ValueError, match="pos"):
         drift.drift_loss(torch.randn(2, 3, 4), torch.randn(2, 5, 5))
+
+
+def test_partial_sums_over_chunks_give_the_statistics_of_the_whole_call():
+    """The public partial-sums API: chunks that are never in memory together, summed, give drift_stats."""
+    from drifting.drift import field_square_sums, scale_sums
+
+    gen, pos, neg, nw = rand(9, 5, 4, seed=1), rand(9, 6, 4, seed=2), rand(9, 2, 4, seed=3), rand_weight(9, 2)
+    parts = [slice(0, 4), slice(4, 9)]
+    total = sum(scale_sums(gen[s], pos[s], neg[s], neg_weight=nw[s]) for s in parts)
+    squares = sum(field_square_sums(gen[s], pos[s], neg[s], neg_weight=nw[s], total_scale_sums=total) for s in parts)
+    stats = DriftStats.from_sums(total, squares)
+    whole = drift_stats(gen, pos, neg, neg_weight=nw)
+    torch.testing.assert_close(stats.scale, whole.scale, rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.drift_ms, whole.drift_ms, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="total_scale_sums"):
+        field_square_sums(gen, pos, total_scale_sums=torch.ones(3))
+
+
+def test_impl_argument_is_checked():
+    gen, pos = rand(2, 3, 4, seed=1), rand(2, 3, 4, seed=2)
+    with pytest.raises(ValueError, match="impl"):
+        drift_loss(gen, pos, impl="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="impl"):
+            drift_loss(gen, pos, impl="fused")  # on CPU tensors, the fused kernel cannot run

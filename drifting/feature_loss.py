@@ -1,0 +1,315 @@
+"""FeatureDriftLoss: the drifting loss over every feature key of a frozen encoder (official-code-notes.md 2.2-2.3).
+
+One training step, for N_c classes with C_g generated samples, C_p positives and C_n unconditional real samples each:
+
+    features of gen [N_c C_g, ...] (with grad), pos [N_c C_p, ...] and neg [N_c C_n, ...] (no grad)   features.py
+    per key [N, L, S] -> problems [N_c L, C, S], class-major then location                              _problems
+    neg columns weighted by the class's guidance weight w [N_c]
+    drift_loss per key: [N_c L] losses sharing one distance scale and one lambda per temperature         drift.py
+    total = sum over keys of (mean over the key's N_c L problems)
+
+Exact statistics under chunking and across processes. The scale and lambdas of a key are global: over every class
+and location of the step, on every process. Three ways to call, all giving the same loss and gradient:
+
+* whole batch, one process:  loss, info = fdl(gen, pos, neg, w); loss.backward()
+* whole local batch on each of several processes:  fdl(gen, pos, neg, w, all_reduce=all_reduce_sum()) sums the
+  statistics' partial sums over processes inside each key's `drift_loss` (2 small collectives per key), and the
+  per-key mean divides by the global number of problems. The returned loss is this process's share: the sum of the
+  shares over processes is the global loss. DDP averages gradients over processes, so its gradient is that of the
+  global loss divided by the world size (multiply the loss by the world size to undo it).
+* classes in chunks with gradient accumulation (and optionally several processes):
+      stats = fdl.stats([ClassBatch(gen_k.detach(), pos_k, neg_k, w_k) for k in chunks], all_reduce=...)
+      for k in chunks: fdl(gen_k, pos_k, neg_k, w_k, stats=stats)[0].backward()
+  `stats` makes two no-grad passes over all chunks (encoder forward on every sample each time): the first sums
+  sum(w d) and sum(w) per key, reduced over processes in one collective, giving each key's scale; the second sums
+  the squared fields per temperature at that scale, again one collective, giving the lambdas. The chunk calls then
+  reuse them and divide by the global class count. gen_k with grad must be the same samples as the detached ones
+  (regenerate from the same noise, or keep the generator's graph).
+
+Memory: keys are built and consumed one at a time. Kept during a call: the encoder's taps of the real samples (no
+graph); the taps of the generated samples with the encoder's autograd graph, up to the caller's backward; one
+gradient buffer per tap, of the tap's size and dtype (the gradient of the summed key losses with respect to that
+tap). Per key, only that key's vector sets, its problems ([N_c L, C, S] for gen, pos and neg) and the drift
+temporaries (bounded by `chunk_size`) exist, and they are freed before the next key: each key's loss is
+differentiated with respect to its tap right away (`torch.autograd.grad`), and the returned loss carries the
+accumulated tap gradients into one backward through the encoder. Building every key's graph instead would keep each
+key's fp32 residual for the backward until the end, about 1.6x the generated taps in fp32 (the per-location keys
+are 1x, the 2x2 and 4x4 window statistics 0.6x); the tap gradient buffers are 1x in the taps' dtype. On CPU (width 32, 4 classes of 8/8/2 samples) the peak grows by 160 MiB instead of 236 MiB with a bf16
+encoder and 259 MiB instead of 289 MiB in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from drifting import drift
+from drifting.drift import AllReduce, DriftStats, drift_loss
+from drifting.features import FeatureConfig, channel_norm, flatten_sample, tap_sets
+
+# Names of the two non-tap sources of keys (brackets keep them apart from any tap name).
+SAMPLE, INPUT = "(sample)", "(input)"
+DRIFT_OPTIONS = frozenset(
+    {"temperatures", "normalize", "affinity_floor", "self_mask", "attraction", "repulsion", "chunk_size",
+     "check_finite"}
+)
+
+
+class ClassBatch(NamedTuple):
+    """Samples of N_c classes, class-major. num_classes is needed only when w is None."""
+
+    gen: Tensor  # [N_c C_g, C, H, W] generated samples
+    pos: Tensor  # [N_c C_p, C, H, W] positives: real samples of each class
+    neg: Tensor | None = None  # [N_c C_n, C, H, W] unconditional real samples (extra negatives), or None
+    w: Tensor | None = None  # [N_c] guidance weight of each class's unconditional samples (default 1)
+    num_classes: int | None = None
+
+
+class FeatureStats(NamedTuple):
+    """Global statistics of one step: per key its DriftStats, and N_c over all chunks and processes."""
+
+    keys: dict[str, DriftStats]
+    num_classes: int
+
+
+class FeatureDriftLoss:
+    """Sum over feature keys of the mean drifting loss of the key's problems.
+
+    Args:
+        encoder: a module with `taps(x) -> {name: [N, C, h, w]}` and, for `norm_x`, `patchify(x) -> [N, C_in, h, w]`
+            (e.g. `ResNetMAE`). It is frozen here: requires_grad_(False) and eval(). Gradients still flow through it
+            to the generated samples. Moving it to a device or running it under autocast is the caller's business.
+        features: which keys (`FeatureConfig`; default the authors' 86-key set).
+        **drift_options: passed to `drift_loss` and the partial sums of `drift.py`: temperatures, normalize, affinity_floor, self_mask,
+            attraction, repulsion, chunk_size (problems per chunk inside a key), check_finite.
+    """
+
+    def __init__(self, encoder: nn.Module, features: FeatureConfig = FeatureConfig(), **drift_options):
+        unknown = set(drift_options) - DRIFT_OPTIONS
+        if unknown:
+            raise ValueError(f"unknown drift option(s) {sorted(unknown)}; valid: {sorted(DRIFT_OPTIONS)}")
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.features = features
+        self.drift_options = drift_options
+        self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Features -> problems
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def _sources(self, x: Tensor) -> dict[str, Tensor]:
+        """The tensors the keys are computed from: the sample, the encoder input (for norm_x) and the taps."""
+        out = {SAMPLE: x}
+        if self.features.use_norm_x:
+            out[INPUT] = self.encoder.patchify(x)
+        taps = self.encoder.taps(x)
+        if SAMPLE in taps or INPUT in taps:
+            raise ValueError(f"encoder tap names must differ from {SAMPLE!r} and {INPUT!r}")
+        return {**out, **taps}
+
+    def _vector_sets(self, sources: dict[str, Tensor]) -> Iterator[tuple[str, str, Tensor]]:
+        """(source name, key, vectors [N, L, S]) for every key, lazily, in the order of `features.feature_sets`."""
+        cfg = self.features
+        if cfg.use_global:
+            yield SAMPLE, "global", flatten_sample(sources[SAMPLE])
+        if cfg.use_norm_x:
+            yield INPUT, "norm_x", channel_norm(sources[INPUT], cfg.input_stat)
+        for name, fmap in sources.items():
+            if name not in (SAMPLE, INPUT):
+                for key, vectors in tap_sets(name, fmap, cfg.subset):
+                    yield name, key, vectors
+
+    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch):
+        """Per key, lazily: (source, key, L, gen [N_c L, C_g, S], pos [N_c L, C_p, S], neg [N_c L, C_n, S] or None,
+        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis."""
+        n_c, n_pos = b.num_classes, b.pos.shape[0]
+        for (src, key, g), (_, real_key, r) in zip(self._vector_sets(gen_sources), self._vector_sets(real_sources)):
+            assert key == real_key, (key, real_key)  # same encoder, same shapes: same keys in the same order
+            num_loc = g.shape[1]
+            neg = neg_weight = None
+            if b.neg is not None:
+                neg = _problems(r[n_pos:], n_c)
+                if b.w is not None:
+                    c_n = b.neg.shape[0] // n_c
+                    neg_weight = b.w[:, None, None].expand(n_c, num_loc, c_n).reshape(n_c * num_loc, c_n)
+            yield src, key, num_loc, _problems(g, n_c), _problems(r[:n_pos], n_c), neg, neg_weight
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The loss
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        gen: Tensor,
+        pos: Tensor,
+        neg: Tensor | None = None,
+        w: Tensor | None = None,
+        *,
+        num_classes: int | None = None,
+        stats: FeatureStats | None = None,
+        all_reduce: AllReduce | None = None,
+    ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
+        """The loss of one batch of classes (or of one chunk / one process's share, see the module docstring).
+
+        Args:
+            gen: [N_c C_g, C, H, W] generated samples, class-major; gradient flows to them.
+            pos: [N_c C_p, C, H, W] positives; neg: [N_c C_n, C, H, W] unconditional samples or None.
+            w: [N_c] guidance weight put on each class's unconditional columns (default 1); also gives N_c.
+            num_classes: N_c, when w is None.
+            stats: global statistics from `stats` (classes processed in chunks); the per-key mean then divides by
+                stats.num_classes * L.
+            all_reduce: sums partial sums over processes (`drift.all_reduce_sum()`); not with `stats`.
+
+        Returns:
+            loss: scalar, sum over keys of (sum of this batch's key losses / global number of problems of the key).
+            info: key -> {"loss": that key's term, "scale": scalar, "drift_ms": [R]} (detached; scale and drift_ms
+                are the global statistics).
+        """
+        b = _check_batch(ClassBatch(gen, pos, neg, w, num_classes))
+        if stats is not None and all_reduce is not None:
+            raise ValueError("all_reduce: not needed with stats (they are already global)")
+        need_grad = torch.is_grad_enabled() and gen.requires_grad
+        real = pos if neg is None else torch.cat([pos, neg])
+        with torch.no_grad():
+            real_sources = self._sources(real)
+        sources = self._sources(gen)
+        # Keys are computed from detached copies of the sources; their gradients are collected per key and handed to
+        # the graph-carrying sources (and through the encoder to gen) in one backward by _WithGradients.
+        leaves = {k: v.detach().requires_grad_(need_grad) for k, v in sources.items()}
+        if stats is not None:
+            total_classes = stats.num_classes
+        elif all_reduce is not None:
+            total_classes = round(all_reduce(gen.new_tensor([b.num_classes], dtype=torch.float64)).item())
+        else:
+            total_classes = b.num_classes
+
+        total, grads, info = None, {}, {}
+        with torch.set_grad_enabled(need_grad):
+            for src, key, num_loc, g, p, n, nw in self._problem_sets(leaves, real_sources, b):
+                key_stats = None
+                if stats is not None:
+                    if key not in stats.keys:
+                        raise KeyError(f"stats: no statistics for feature key {key!r}")
+                    key_stats = stats.keys[key]
+                # The drift math stays in fp32 when the caller runs the encoder under autocast.
+                with torch.autocast(gen.device.type, enabled=False):
+                    losses, key_info = drift_loss(g, p, n, neg_weight=nw, stats=key_stats, all_reduce=all_reduce,
+                                                  **self.drift_options)  # (N_c L,)
+                key_loss = losses.sum() / (total_classes * num_loc)
+                if need_grad:
+                    (grad,) = torch.autograd.grad(key_loss, leaves[src])
+                    # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
+                    grads[src] = grads[src].add_(grad) if src in grads else grad.contiguous()
+                key_loss = key_loss.detach()
+                total = key_loss if total is None else total + key_loss
+                info[key] = {"loss": key_loss, **key_info}
+        if total is None:
+            raise ValueError("FeatureDriftLoss: the feature configuration selects no keys")
+        if need_grad:
+            names = list(grads)
+            total = _WithGradients.apply(total, tuple(grads[k] for k in names), *(sources[k] for k in names))
+        return total, info
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Exact global statistics over class chunks and processes
+    # -----------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None) -> FeatureStats:
+        """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
+
+        Two passes over the batches, each running the encoder on every sample (see the module docstring); two
+        collectives in all. batches: a sequence (it is traversed twice) of `ClassBatch`, gen detached or not.
+        """
+        batches = [_check_batch(ClassBatch(*b)) for b in batches]
+        if not batches:
+            raise ValueError("stats: expected at least one ClassBatch")
+        options = self.drift_options
+
+        # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.
+        scale_sums = self._accumulate(batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw))
+        keys = list(scale_sums)
+        packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
+                            scale_sums[keys[0]].new_tensor([sum(b.num_classes for b in batches)])])
+        if all_reduce is not None:
+            packed = all_reduce(packed)
+        num_classes = round(packed[-1].item())
+        global_scale_sums = dict(zip(keys, packed[:-1].view(len(keys), 2)))
+
+        # Pass 2: sum of squared fields per temperature and the number of field entries, at the global scale.
+        square_sums = self._accumulate(
+            batches,
+            lambda g, p, n, nw, key: drift.field_square_sums(
+                g, p, n, neg_weight=nw, total_scale_sums=global_scale_sums[key], **options),
+        )
+        packed = torch.stack([square_sums[k] for k in keys])  # (K, R + 1)
+        if all_reduce is not None:
+            packed = all_reduce(packed)
+        return FeatureStats(
+            {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}, num_classes
+        )
+
+    def _accumulate(self, batches: list[ClassBatch], partial) -> dict[str, Tensor]:
+        """Sum partial(gen, pos, neg, neg_weight, key) per key over the batches."""
+        sums: dict[str, Tensor] = {}
+        for b in batches:
+            real = b.pos if b.neg is None else torch.cat([b.pos, b.neg])
+            for _, key, _, g, p, n, nw in self._problem_sets(self._sources(b.gen), self._sources(real), b):
+                with torch.autocast(b.gen.device.type, enabled=False):
+                    part = partial(g, p, n, nw, key)
+                sums[key] = part if key not in sums else sums[key] + part
+        return sums
+
+
+def _problems(vectors: Tensor, num_classes: int) -> Tensor:
+    """[N_c C, L, S] (class-major samples) -> [N_c L, C, S]: one problem per (class, location), class-major."""
+    n, num_loc, s = vectors.shape
+    c = n // num_classes
+    return vectors.reshape(num_classes, c, num_loc, s).transpose(1, 2).reshape(num_classes * num_loc, c, s)
+
+
+def _check_batch(b: ClassBatch) -> ClassBatch:
+    """Validate shapes and resolve num_classes."""
+    for name in ("gen", "pos", "neg"):
+        t = getattr(b, name)
+        if t is not None and (not isinstance(t, Tensor) or t.dim() < 2):
+            raise ValueError(f"{name}: expected a tensor [N_c * count, ...], got {type(t).__name__} "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else ''}")
+    n_c = b.num_classes
+    if b.w is not None:
+        if b.w.dim() != 1:
+            raise ValueError(f"w: expected shape [N_c], got {tuple(b.w.shape)}")
+        if n_c is not None and n_c != b.w.shape[0]:
+            raise ValueError(f"num_classes {n_c} does not match w of shape {tuple(b.w.shape)}")
+        n_c = b.w.shape[0]
+    if n_c is None or n_c < 1:
+        raise ValueError("the number of classes: give w [N_c] or num_classes >= 1")
+    for name in ("gen", "pos", "neg"):
+        t = getattr(b, name)
+        if t is not None and (t.shape[0] == 0 or t.shape[0] % n_c):
+            raise ValueError(f"{name}: expected N_c * count samples (N_c = {n_c}, count >= 1), got {t.shape[0]}")
+        if t is not None and t.shape[1:] != b.gen.shape[1:]:
+            raise ValueError(f"{name}: expected samples of shape {tuple(b.gen.shape[1:])}, got {tuple(t.shape[1:])}")
+    return b._replace(num_classes=n_c)
+
+
+class _WithGradients(torch.autograd.Function):
+    """Returns `value`; backward gives each input its precomputed gradient (of value) times the incoming gradient.
+
+    This is what lets the loss differentiate each key right after computing it (freeing the key's graph) while the
+    caller still calls loss.backward() once, through the encoder and the generator, as for any loss.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("FeatureDriftLoss: backward through the same loss twice is not supported")
+        grads, ctx.grads = ctx.grads, None  # free the tap gradients as soon as they are used
+        return (None, None, *(g * grad_out.to(g.dtype) for g in grads))

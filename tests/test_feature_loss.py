@@ -1,0 +1,211 @@
+"""FeatureDriftLoss: agreement with a literal construction of the problems, exactness of class chunks with gradient
+accumulation and of 2 gloo processes against one process (loss, per-key statistics and the generated samples'
+gradient), a frozen encoder that still passes gradient through, and the errors on bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from drifting.drift import all_reduce_sum, drift_loss
+from drifting.feature_loss import ClassBatch, FeatureDriftLoss
+from drifting.features import FeatureConfig, feature_sets
+from drifting.models.resnet_mae import ResNetMAE, ResNetMAEConfig
+
+# 4 classes, 3 generated, 3 positive and 2 unconditional samples per class, on a 16x16 latent-shaped input.
+N_C, C_G, C_P, C_N = 4, 3, 3, 2
+# Classes held by each of 2 processes (uneven), and the class chunks each processes in turn.
+RANK_CLASSES = [(0, 3), (3, 4)]
+RANK_CHUNKS = [[(0, 2), (2, 3)], [(3, 4)]]
+
+
+def make_encoder() -> ResNetMAE:
+    torch.manual_seed(0)  # every process builds the same weights
+    return ResNetMAE(ResNetMAEConfig(image_size=16, width=4)).double()
+
+
+def make_inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    gen = torch.randn(N_C * C_G, 4, 16, 16, generator=g, dtype=torch.float64)
+    pos = torch.randn(N_C * C_P, 4, 16, 16, generator=g, dtype=torch.float64) + 0.3
+    neg = torch.randn(N_C * C_N, 4, 16, 16, generator=g, dtype=torch.float64)
+    w = torch.rand(N_C, generator=g, dtype=torch.float64) * 3
+    return gen, pos, neg, w
+
+
+def classes(t: torch.Tensor, per_class: int, lo: int, hi: int) -> torch.Tensor:
+    return t[lo * per_class:hi * per_class]
+
+
+def chunk_of(gen, pos, neg, w, lo, hi):
+    return classes(gen, C_G, lo, hi), classes(pos, C_P, lo, hi), classes(neg, C_N, lo, hi), w[lo:hi]
+
+
+def whole(fdl=None, inputs=None):
+    """Loss, info and gradient of the generated samples for the whole batch in one call."""
+    fdl = fdl or FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = inputs or make_inputs()
+    gen.requires_grad_()
+    loss, info = fdl(gen, pos, neg, w)
+    loss.backward()
+    return loss.detach(), info, gen.grad
+
+
+def chunked(fdl, gen, pos, neg, w, chunks, all_reduce=None):
+    """Class chunks with exact statistics and gradient accumulation into gen.grad."""
+    gen = gen.detach().clone().requires_grad_()
+    stats = fdl.stats([ClassBatch(*chunk_of(gen.detach(), pos, neg, w, lo, hi)) for lo, hi in chunks],
+                      all_reduce=all_reduce)
+    total, infos = 0.0, []
+    for lo, hi in chunks:
+        loss, info = fdl(*chunk_of(gen, pos, neg, w, lo, hi), stats=stats)
+        loss.backward()  # gradient accumulation: gen.grad sums the chunks' contributions
+        total, infos = total + loss.detach(), infos + [info]
+    return total, infos, gen.grad, stats
+
+
+def test_loss_matches_literal_problem_construction():
+    """The problems of every key built by explicit (class, location) indexing, all keys through one autograd graph."""
+    encoder = make_encoder()
+    loss, info, grad = whole(FeatureDriftLoss(encoder))
+    gen, pos, neg, w = make_inputs()
+    gen.requires_grad_()
+
+    def keys(x):
+        return feature_sets(x, encoder.patchify(x), encoder.taps(x))
+
+    fg, fp, fn = keys(gen), keys(pos), keys(neg)
+    assert len(fg) == 2 + 10 * 7 + 2 * 5  # on 16x16, layer4 is 2x2: no 4x4 windows there
+    total = 0.0
+    for key in fg:
+        num_loc = fg[key].shape[1]
+        # Problem b = c * L + l holds sample i of class c at location l: row c * count + i of the key.
+        rows = lambda count: [[c * count + i for i in range(count)] for c in range(N_C) for _ in range(num_loc)]  # noqa
+        locs = lambda count: [[l] * count for _ in range(N_C) for l in range(num_loc)]  # noqa
+        g = fg[key][rows(C_G), locs(C_G)]  # (N_c L, C_g, S)
+        p = fp[key][rows(C_P), locs(C_P)]
+        n = fn[key][rows(C_N), locs(C_N)]
+        nw = torch.stack([w[c].expand(C_N) for c in range(N_C) for _ in range(num_loc)])  # (N_c L, C_n)
+        key_loss, _ = drift_loss(g, p, n, neg_weight=nw)
+        torch.testing.assert_close(key_loss.mean().detach(), info[key]["loss"], rtol=1e-10, atol=0)
+        total = total + key_loss.mean()
+    total.backward()
+    torch.testing.assert_close(loss, total.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, gen.grad, rtol=1e-9, atol=1e-15)
+
+
+def test_two_class_chunks_with_gradient_accumulation_equal_whole():
+    fdl = FeatureDriftLoss(make_encoder())
+    loss, info, grad = whole(fdl)
+    total, infos, chunk_grad, stats = chunked(fdl, *make_inputs(), chunks=[(0, 1), (1, 4)])
+    torch.testing.assert_close(total, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunk_grad, grad, rtol=1e-9, atol=1e-15)
+    assert stats.num_classes == N_C and list(stats.keys) == list(info)
+    for key in info:
+        torch.testing.assert_close(stats.keys[key].scale, info[key]["scale"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats.keys[key].drift_ms, info[key]["drift_ms"], rtol=1e-10, atol=0)
+        torch.testing.assert_close(sum(i[key]["loss"] for i in infos), info[key]["loss"], rtol=1e-10, atol=0)
+    # Not vacuous: the second chunk with its own statistics gives another loss (rescaled from its 3 classes to 4).
+    gen, pos, neg, w = make_inputs()
+    alone, _ = fdl(*chunk_of(gen, pos, neg, w, 1, 4))
+    share = sum(i["loss"] for i in infos[1].values())
+    assert not torch.allclose(alone * 3 / 4, share, rtol=1e-4)
+
+
+def test_encoder_is_frozen_but_passes_gradient():
+    encoder = make_encoder()
+    fdl = FeatureDriftLoss(encoder)
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    _, _, grad = whole(fdl)
+    assert all(p.grad is None for p in encoder.parameters())
+    assert grad is not None and grad.abs().sum() > 0
+    # With the tap keys only, all of the gradient has come back through the encoder.
+    _, _, tap_grad = whole(FeatureDriftLoss(make_encoder(), FeatureConfig(use_global=False, use_norm_x=False)))
+    assert tap_grad.abs().sum() > 0
+
+
+def test_options_no_guidance_and_no_grad():
+    encoder = make_encoder()
+    gen, pos, neg, w = make_inputs()
+    fdl = FeatureDriftLoss(encoder, FeatureConfig(subset="a,b", input_stat="mean_square"), temperatures=(0.05,),
+                           chunk_size=7, check_finite=False)
+    with torch.no_grad():
+        loss, info = fdl(gen, pos, num_classes=N_C)  # no unconditional samples
+    assert loss.shape == () and not loss.requires_grad and len(info) == 2 + 12 * 3
+    assert info["layer1"]["drift_ms"].shape == (1,)
+    # w = 0 on the unconditional columns is not the same as no unconditional columns (they stay in the softmaxes).
+    zero_w, _ = fdl(gen, pos, neg, torch.zeros(N_C))
+    assert not torch.allclose(zero_w, loss)
+
+
+def test_bad_inputs():
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    with pytest.raises(ValueError, match="number of classes"):
+        fdl(gen, pos)
+    with pytest.raises(ValueError, match="pos: expected N_c"):
+        fdl(gen, pos[:-1], neg, w)
+    with pytest.raises(ValueError, match="num_classes 3 does not match"):
+        fdl(gen, pos, neg, w, num_classes=3)
+    with pytest.raises(ValueError, match="not needed with stats"):
+        fdl(gen, pos, neg, w, stats=fdl.stats([ClassBatch(gen, pos, neg, w)]), all_reduce=lambda t: t)
+    with pytest.raises(ValueError, match="unknown drift option"):
+        FeatureDriftLoss(make_encoder(), temperature=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2 gloo processes == 1 process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two processes on a small CI machine
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fdl = FeatureDriftLoss(make_encoder())
+        gen, pos, neg, w = make_inputs()
+        lo, hi = RANK_CLASSES[rank]
+        # The whole local batch in one call, statistics reduced inside each key's drift_loss.
+        mine = classes(gen, C_G, lo, hi).clone().requires_grad_()
+        loss, info = fdl(mine, classes(pos, C_P, lo, hi), classes(neg, C_N, lo, hi), w[lo:hi],
+                         all_reduce=all_reduce_sum())
+        loss.backward()
+        # The same share in class chunks, with statistics from `stats` (one collective per pass).
+        total, _, chunk_grad, stats = chunked(fdl, gen, pos, neg, w, RANK_CHUNKS[rank], all_reduce=all_reduce_sum())
+        torch.save({"loss": loss.detach(), "grad": mine.grad, "info": info, "chunk_loss": total,
+                    "chunk_grad": classes(chunk_grad, C_G, lo, hi), "stats": stats.keys},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    loss, info, grad = whole()
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name in ("", "chunk_"):
+        # Each process returns its share: the shares sum to the whole loss, the gradients are the whole's rows.
+        torch.testing.assert_close(sum(p[f"{name}loss"] for p in parts), loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.cat([p[f"{name}grad"] for p in parts]), grad, rtol=1e-9, atol=1e-15)
+    for p in parts:
+        for key in info:
+            for got in (p["info"][key], p["stats"][key]._asdict()):
+                torch.testing.assert_close(got["scale"], info[key]["scale"], rtol=1e-12, atol=0)
+                torch.testing.assert_close(got["drift_ms"], info[key]["drift_ms"], rtol=1e-10, atol=0)
+
+
+def test_autocast_leaves_the_drift_math_in_float32():
+    encoder = ResNetMAE(ResNetMAEConfig(image_size=16, width=4)).bfloat16()
+    fdl = FeatureDriftLoss(encoder)
+    gen, pos, neg, w = (t.bfloat16() for t in make_inputs())
+    plain, _ = fdl(gen, pos, neg, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, info = fdl(gen, pos, neg, w)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
