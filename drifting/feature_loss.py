@@ -53,7 +53,7 @@ from drifting.features import FeatureConfig, channel_norm, flatten_sample, tap_s
 SAMPLE, INPUT = "(sample)", "(input)"
 DRIFT_OPTIONS = frozenset(
     {"temperatures", "normalize", "affinity_floor", "self_mask", "attraction", "repulsion", "chunk_size",
-     "check_finite"}
+     "check_finite", "impl"}
 )
 
 
@@ -226,7 +226,7 @@ class FeatureDriftLoss:
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
             raise ValueError("stats: expected at least one ClassBatch")
-        options = self.drift_options
+        options = {k: v for k, v in self.drift_options.items() if k != "impl"}  # statistics: reference code
 
         # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.
         scale_sums = self._accumulate(batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw))

@@ -1,0 +1,74 @@
+"""Time and peak memory of FeatureDriftLoss for the ablation-size step: N_c classes with 64 generated, 64 positive
+and 16 unconditional samples each, on 32x32x4 latents, with the MAE-256 encoder (86 keys), bf16 encoder, fp32 drift.
+
+    python benchmarks/feature_loss.py --impl reference --out feature_loss.json
+    python benchmarks/feature_loss.py --encoder mae_tiny --classes 2 --device cpu --iters 1   # smoke test
+
+"whole" = one call over all keys (encoder forward on the real and generated samples, 86 drift losses, backward
+through the encoder to the generated samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from drifting.feature_loss import FeatureDriftLoss
+from drifting.models.resnet_mae import resnet_maes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))
+    parser.add_argument("--classes", type=int, default=64)
+    parser.add_argument("--impl", default="reference", choices=["reference", "fused", "auto"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    encoder = resnet_maes[args.encoder]().to(args.device)
+    cfg = encoder.cfg
+    if cuda:
+        encoder = encoder.to(torch.bfloat16)  # the authors run the frozen encoder in bf16
+    loss_fn = FeatureDriftLoss(encoder, impl=args.impl, check_finite=False)
+    g = torch.Generator(device=args.device).manual_seed(0)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n_c = args.classes
+    gen = torch.randn(n_c * 64, *shape, generator=g, device=args.device, dtype=dtype).requires_grad_()
+    pos = torch.randn(n_c * 64, *shape, generator=g, device=args.device, dtype=dtype)
+    neg = torch.randn(n_c * 16, *shape, generator=g, device=args.device, dtype=dtype)
+    w = torch.rand(n_c, generator=g, device=args.device) * 4
+
+    def step():
+        gen.grad = None
+        loss, info = loss_fn(gen, pos, neg, w)
+        loss.backward()
+        return info
+
+    info = step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    ms = 1e3 * (time.perf_counter() - t0) / args.iters
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"FeatureDriftLoss ({args.impl}), {args.encoder}, {n_c} classes x 64/64/16, {len(info)} keys, {card}: "
+          f"{ms:.0f} ms per forward + backward, peak {peak:.1f} GiB")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "encoder": args.encoder, "classes": n_c, "impl": args.impl, "keys": len(info),
+                       "ms": ms, "peak_gib": peak}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

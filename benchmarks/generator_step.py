@@ -1,0 +1,67 @@
+"""Forward + backward time of a generator preset (bf16 autocast, fp32 parameters), one optimiser-free step.
+
+    python benchmarks/generator_step.py --presets DiT-B/2 --batch 256 --out step.json
+    python benchmarks/generator_step.py --presets DiT-tiny --batch 4 --device cpu --iters 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from drifting.models.dit import build_generator
+from drifting.models.generate import draw_inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--presets", nargs="+", default=["DiT-B/2"])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    rows = []
+    print(f"generator forward + backward, {card}")
+    print(f"{'preset':<14} {'batch':>5} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9}")
+    for name in args.presets:
+        model = build_generator(name).to(args.device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        noise, style = draw_inputs(model, args.batch, generator=g, device=torch.device(args.device))
+        labels = torch.randint(0, model.num_classes, (args.batch,), generator=g).to(args.device)
+        alpha = 1 + 3 * torch.rand(args.batch, generator=g).to(args.device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            out = model(noise, labels, alpha, style)
+            out.float().square().mean().backward()
+
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        ms = 1e3 * (time.perf_counter() - t0) / args.iters
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        rows.append({"preset": name, "batch": args.batch, "ms": ms, "samples_per_s": args.batch / ms * 1e3,
+                     "peak_gib": peak})
+        print(f"{name:<14} {args.batch:>5} {ms:>9.1f} {args.batch / ms * 1e3:>10.0f} {peak:>9.2f}")
+        del model
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
