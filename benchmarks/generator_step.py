@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--no-attn-fp32", action="store_true", help="attention in bf16 (the latent SOTA setting)")
     parser.add_argument("--out")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -31,7 +33,8 @@ def main() -> None:
     print(f"generator forward + backward, {card}")
     print(f"{'preset':<14} {'batch':>5} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9}")
     for name in args.presets:
-        model = build_generator(name).to(args.device)
+        model = build_generator(name, activation_checkpointing=args.checkpointing,
+                                attn_fp32=not args.no_attn_fp32).to(args.device)
         g = torch.Generator(device="cpu").manual_seed(0)
         noise, style = draw_inputs(model, args.batch, generator=g, device=torch.device(args.device))
         labels = torch.randint(0, model.num_classes, (args.batch,), generator=g).to(args.device)
@@ -54,7 +57,8 @@ def main() -> None:
             torch.cuda.synchronize()
         ms = 1e3 * (time.perf_counter() - t0) / args.iters
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        rows.append({"preset": name, "batch": args.batch, "ms": ms, "samples_per_s": args.batch / ms * 1e3,
+        rows.append({"preset": name, "batch": args.batch, "checkpointing": args.checkpointing,
+                     "attn_fp32": not args.no_attn_fp32, "ms": ms, "samples_per_s": args.batch / ms * 1e3,
                      "peak_gib": peak})
         print(f"{name:<14} {args.batch:>5} {ms:>9.1f} {args.batch / ms * 1e3:>10.0f} {peak:>9.2f}")
         del model
