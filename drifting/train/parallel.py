@@ -1,0 +1,132 @@
+"""Wrap a model for data-parallel training without touching the model file.
+
+    model = wrap_model(model.to(device), strategy=cfg.parallel, device=device)
+
+- "ddp" (the default for our generators): every rank holds the full model; gradients are averaged in the backward.
+- "fsdp": FSDP2 (`fully_shard`), one unit per transformer block (found in `model.blocks`), then the root, so
+  parameters, gradients and optimiser state are sharded across ranks and gathered one block at a time. Optional
+  mixed precision: bf16 parameters for compute, gradients reduced in fp32, fp32 master weights kept sharded.
+- "none": the model as it is (each rank trains alone).
+
+In a single process every strategy returns the model unchanged: there is nothing to average or shard.
+`unwrap` and `full_state_dict` give the plain module and a full CPU state dict back for EMA and checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from drifting.train.dist import world_size
+
+__all__ = ["STRATEGIES", "full_state_dict", "load_full_state_dict", "unwrap", "wrap_model"]
+
+STRATEGIES = ("ddp", "fsdp", "none")
+
+
+def wrap_model(
+    model: nn.Module,
+    *,
+    strategy: str = "ddp",
+    device: torch.device | str,
+    mixed_precision: bool = False,
+    blocks_attr: str = "blocks",
+) -> nn.Module:
+    """Return `model` wrapped for `strategy` (see the module docstring); `model` must already be on `device`.
+
+    Args:
+        strategy: "ddp", "fsdp" or "none".
+        device: this rank's device (from `init_distributed`); gives DDP its device_ids and FSDP its mesh type.
+        mixed_precision: FSDP only: compute with bf16 parameters, reduce gradients in fp32. (With DDP, use autocast.)
+        blocks_attr: the attribute listing the blocks that become FSDP units (an nn.ModuleList / iterable of
+            modules); if the model has none, only the root is sharded.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown parallel strategy {strategy!r}; expected one of {STRATEGIES}")
+    if mixed_precision and strategy != "fsdp":
+        raise ValueError("mixed_precision applies to strategy='fsdp' only; use torch.autocast with DDP")
+    if strategy == "none" or world_size() == 1:
+        return model
+    device = torch.device(device)
+    if strategy == "ddp":
+        # find_unused_parameters=False: every parameter gets a gradient each step, and the unused-parameter search
+        # costs a graph traversal per step. A model that breaks this fails loudly in DDP's reducer, not silently.
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False,
+        )
+    return _fully_shard(model, device, mixed_precision, blocks_attr)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers (FSDP2 shards in place and needs no unwrapping)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A complete, unsharded state dict on CPU, with the plain module's key names.
+
+    Under FSDP2 this is a collective (every rank must call it) that gathers the shards to CPU one tensor at a time;
+    only rank 0 receives them (the others get {}), which is what a rank-0 checkpoint write needs. Otherwise local.
+    """
+    model = unwrap(model)
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = True) -> None:
+    """Load a full state dict (from `full_state_dict` or a checkpoint) into a plain, DDP or FSDP2 model.
+
+    Under FSDP2 every rank passes the full state dict and keeps its own shard (a collective).
+    """
+    model = unwrap(model)
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    else:
+        model.load_state_dict(state, strict=strict)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _fsdp_api():
+    try:  # public since torch 2.6
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.4-2.5
+        from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    return FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    return isinstance(model, _fsdp_api()[0])
+
+
+def _fully_shard(model: nn.Module, device: torch.device, mixed_precision: bool, blocks_attr: str) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _, MixedPrecisionPolicy, fully_shard = _fsdp_api()
+    mesh = init_device_mesh(device.type, (world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
+    blocks = list(getattr(model, blocks_attr, None) or [])
+    for i, block in enumerate(blocks):
+        # The last block's backward runs right after its forward: resharding it in between would only force a
+        # second all-gather (torchtitan does the same).
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+    # The root unit holds what is left (embeddings, final layer) and drives the prefetching of the blocks.
+    fully_shard(model, **kwargs)
+    return model
