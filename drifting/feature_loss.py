@@ -79,18 +79,21 @@ class FeatureDriftLoss:
 
     Args:
         encoder: a module with `taps(x) -> {name: [N, C, h, w]}` and, for `norm_x`, `patchify(x) -> [N, C_in, h, w]`
-            (e.g. `ResNetMAE`). It is frozen here: requires_grad_(False) and eval(). Gradients still flow through it
+            (e.g. `ResNetMAE`), or None for the loss on the raw samples alone (the `global` key). It is frozen here: requires_grad_(False) and eval(). Gradients still flow through it
             to the generated samples. Moving it to a device or running it under autocast is the caller's business.
         features: which keys (`FeatureConfig`; default the authors' 86-key set).
         **drift_options: passed to `drift_loss` and the partial sums of `drift.py`: temperatures, normalize, affinity_floor, self_mask,
             attraction, repulsion, chunk_size (problems per chunk inside a key), check_finite.
     """
 
-    def __init__(self, encoder: nn.Module, features: FeatureConfig = FeatureConfig(), **drift_options):
+    def __init__(self, encoder: nn.Module | None, features: FeatureConfig = FeatureConfig(), **drift_options):
         unknown = set(drift_options) - DRIFT_OPTIONS
         if unknown:
             raise ValueError(f"unknown drift option(s) {sorted(unknown)}; valid: {sorted(DRIFT_OPTIONS)}")
-        self.encoder = encoder.requires_grad_(False).eval()
+        # encoder=None: the drifting loss on the raw samples only (the `global` key; vector data, the paper's policies)
+        if encoder is None and not features.use_global:
+            raise ValueError("features.use_global: must be on when there is no encoder (it would leave no key)")
+        self.encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
         self.features = features
         self.drift_options = drift_options
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
@@ -102,6 +105,8 @@ class FeatureDriftLoss:
     def _sources(self, x: Tensor) -> dict[str, Tensor]:
         """The tensors the keys are computed from: the sample, the encoder input (for norm_x) and the taps."""
         out = {SAMPLE: x}
+        if self.encoder is None:
+            return out
         if self.features.use_norm_x:
             out[INPUT] = self.encoder.patchify(x)
         taps = self.encoder.taps(x)
@@ -114,7 +119,7 @@ class FeatureDriftLoss:
         cfg = self.features
         if cfg.use_global:
             yield SAMPLE, "global", flatten_sample(sources[SAMPLE])
-        if cfg.use_norm_x:
+        if INPUT in sources:
             yield INPUT, "norm_x", channel_norm(sources[INPUT], cfg.input_stat)
         for name, fmap in sources.items():
             if name not in (SAMPLE, INPUT):

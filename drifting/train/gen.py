@@ -1,0 +1,370 @@
+"""Generator training: `drifting train`. One readable loop, top to bottom.
+
+Each step (official-code-notes.md 7.1): push real samples into the per-class queues; choose N_c classes and one
+guidance scale alpha per class; generate C_g samples per class in one step; draw C_p positives per class and C_n
+unconditional samples per class from the queues; the drifting loss over the encoder's feature keys (or over the raw
+samples when there is no encoder); backward; clip; AdamW; EMA.
+
+Exactness by construction. Every random draw of step s comes from generators seeded by (seed, s) and is drawn for
+the whole global batch on every process, so:
+- classes can be processed in chunks (gradient accumulation): the loss's global statistics are computed first over
+  all chunks (`FeatureDriftLoss.stats`), then each chunk's loss is differentiated; the update equals one big step;
+- N processes each take N_c / N of the classes, sum the statistics with all-reduce and average gradients through
+  DDP (the loss is multiplied by N to undo the averaging): the update equals the single-process one;
+- resume needs no RNG state beyond the step: 2 steps + resume + 2 steps equal 4 steps, bit for bit on a CPU.
+The queues are replicated: every process pushes the same real samples and keeps the same queues.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from drifting.config import config_to_dict, save_config
+from drifting.data.datasets import DATASETS, load_dataset, to_float
+from drifting.data.queue import SampleQueue
+from drifting.data.synthetic import synthetic_images
+from drifting.drift import all_reduce_sum
+from drifting.feature_loss import ClassBatch, FeatureDriftLoss
+from drifting.features import FeatureConfig
+from drifting.guidance import guidance_weight, sample_alpha
+from drifting.models.dit import GENERATORS, build_generator
+from drifting.models.generate import draw_inputs
+from drifting.models.resnet_mae import resnet_maes
+from drifting.train import dist
+from drifting.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, export_weights
+from drifting.train.ema import ema_copy, ema_update
+from drifting.train.log import RunLogger, Throughput
+from drifting.train.parallel import unwrap, wrap_model
+from drifting.train.schedule import lr_at
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | mnist | fashion-mnist | cifar10
+    path: str | None = None  # the dataset file or folder (default: the registry's search path)
+    synthetic_classes: int = 4  # the synthetic set: classes, images per class, size
+    synthetic_per_class: int = 256
+    synthetic_size: int = 8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    generator: str = "DiT-tiny"  # a preset of drifting.models.dit.GENERATORS; sizes below override it
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    bf16: bool = False  # bf16 autocast on CUDA (parameters stay fp32)
+    attn_fp32: bool = True
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    encoder: str | None = None  # a preset of drifting.models.resnet_mae.resnet_maes; None: raw samples only
+    encoder_weights: str | None = None  # a state dict saved by `drifting train-mae`; None: random initialisation
+    subset: Literal["a,b", "a-c", "a-d"] = "a-d"
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    normalize: Literal["xy", "y", "none"] = "xy"
+    affinity_floor: float = 1e-6
+    attraction: float = 1.0
+    repulsion: float = 1.0
+    impl: Literal["auto", "reference", "fused"] = "auto"
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    power: float = 3.0  # p(alpha) ~ alpha^-power on [alpha_min, alpha_max]
+    alpha_min: float = 1.0
+    alpha_max: float = 4.0
+    no_guidance_frac: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    classes: int = 4  # N_c per step (global)
+    gen_per_class: int = 16  # C_g
+    pos_per_class: int = 16  # C_p
+    uncond_per_class: int = 4  # C_n
+    class_chunk: int | None = None  # classes per gradient-accumulation chunk on each process (None: all at once)
+    lr: float = 2e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    grad_clip: float = 2.0
+    ema_decays: tuple[float, ...] = (0.999,)
+    queue_per_class: int = 128
+    queue_uncond: int = 1000
+    push_per_step: int = 64
+    prefill: bool = True  # fill the queues before step 0 (the authors' start empty: positives repeat for ~2k steps)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        if self.data.dataset != "synthetic" and self.data.dataset not in DATASETS:
+            raise ValueError(f"data.dataset: expected 'synthetic' or one of {sorted(DATASETS)}, got "
+                             f"{self.data.dataset!r}")
+        if self.model.generator not in GENERATORS:
+            raise ValueError(f"model.generator: expected one of {sorted(GENERATORS)}, got {self.model.generator!r}")
+        if self.loss.encoder is not None and self.loss.encoder not in resnet_maes:
+            raise ValueError(f"loss.encoder: expected None or one of {sorted(resnet_maes)}, got {self.loss.encoder!r}")
+        for name in ("steps", "classes", "gen_per_class", "pos_per_class", "push_per_step", "log_every"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
+        if t.uncond_per_class < 0:
+            raise ValueError(f"train.uncond_per_class: expected >= 0, got {t.uncond_per_class}")
+        if t.class_chunk is not None and t.class_chunk < 1:
+            raise ValueError(f"train.class_chunk: expected None or >= 1, got {t.class_chunk}")
+        if not all(0 <= d < 1 for d in t.ema_decays):
+            raise ValueError(f"train.ema_decays: expected values in [0, 1), got {t.ema_decays}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_training_data(cfg: DataConfig) -> tuple[Tensor, Tensor, int]:
+    """(images uint8 [N, C, H, W], labels int64 [N], number of classes)."""
+    if cfg.dataset == "synthetic":
+        images, labels = synthetic_images(cfg.synthetic_classes, cfg.synthetic_per_class, cfg.synthetic_size)
+        return images, labels, cfg.synthetic_classes
+    images, labels = load_dataset(cfg.dataset, "train", cfg.path)
+    return images, labels, int(labels.max()) + 1
+
+
+def build_model(cfg: GenConfig, num_classes: int, shape: tuple[int, ...]) -> torch.nn.Module:
+    """The generator preset, resized to the data (channels, image size, classes) and the config's overrides."""
+    m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")
+                 if getattr(m, k) is not None}
+    return build_generator(m.generator, in_channels=shape[0], image_size=shape[1], num_classes=num_classes,
+                           bf16=m.bf16, attn_fp32=m.attn_fp32, **overrides)
+
+
+def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device) -> FeatureDriftLoss:
+    """FeatureDriftLoss over the encoder's keys, or over the raw samples (encoder None)."""
+    encoder = None
+    if cfg.encoder is not None:
+        encoder = resnet_maes[cfg.encoder]()
+        if (encoder.cfg.in_channels, encoder.cfg.image_size) != (shape[0], shape[1]):
+            raise ValueError(f"loss.encoder: {cfg.encoder} takes {encoder.cfg.in_channels}x{encoder.cfg.image_size}"
+                             f" inputs, the data is {shape[0]}x{shape[1]}")
+        if cfg.encoder_weights is not None:
+            if not Path(cfg.encoder_weights).exists():
+                raise FileNotFoundError(f"loss.encoder_weights: no file at {cfg.encoder_weights}")
+            state = torch.load(cfg.encoder_weights, map_location="cpu", weights_only=True)
+            missing, unexpected = encoder.load_state_dict(state.get("model", state), strict=False)
+            if missing:
+                raise ValueError(f"loss.encoder_weights: the file does not match {cfg.encoder} "
+                                 f"(missing {missing[:3]}...)")
+        encoder = encoder.to(device)
+    features = FeatureConfig(subset=cfg.subset, use_norm_x=encoder is not None)
+    return FeatureDriftLoss(encoder, features, temperatures=cfg.temperatures, normalize=cfg.normalize,
+                            affinity_floor=cfg.affinity_floor, attraction=cfg.attraction, repulsion=cfg.repulsion,
+                            impl=cfg.impl, check_finite=False)
+
+
+def step_generator(seed: int, step: int, purpose: int) -> torch.Generator:
+    """The CPU generator of one kind of draw at one step: a pure function of (seed, step, purpose)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + purpose)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True) -> dict:
+    """Train a generator; checkpoints, metrics, samples and the EMA export go to run_dir. Returns final metrics."""
+    device = dist.init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    t = cfg.train
+    run_dir = Path(run_dir)
+    images, labels, num_classes = load_training_data(cfg.data)
+    shape = tuple(images.shape[1:])
+    if t.classes > num_classes:
+        raise ValueError(f"train.classes: {t.classes} classes per step, but the data has only {num_classes}")
+    if t.classes % world:
+        raise ValueError(f"train.classes: {t.classes} classes per step do not divide over {world} processes")
+    local_classes = t.classes // world
+    chunk = t.class_chunk or local_classes
+    if local_classes % chunk:
+        raise ValueError(f"train.class_chunk: {chunk} does not divide the {local_classes} classes of a process")
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, num_classes, shape).to(device)
+    emas = {d: ema_copy(model) for d in t.ema_decays}
+    loss_fn = build_loss(cfg.loss, shape, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
+                        dtype=torch.uint8, device=device)
+    start = 0
+    ckpt_dir = run_dir / "checkpoints"
+    if resume and latest_checkpoint(ckpt_dir) is not None:
+        state = load_checkpoint(ckpt_dir, map_location=device)
+        model.load_state_dict(state["model"])
+        for d, ema in emas.items():
+            ema.load_state_dict(state["ema"][str(d)])
+        opt.load_state_dict(state["optimizer"])
+        queue.load_state_dict(state["queue"])
+        start = state["step"]
+        dist.print0(f"resumed from step {start} ({latest_checkpoint(ckpt_dir)})")
+    elif t.prefill:
+        queue.prefill(images, labels, generator=step_generator(t.seed, 0, 7))
+    if dist.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    logger = RunLogger(run_dir, enabled=dist.is_main())
+    meter = Throughput()
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.model.bf16 and device.type == "cuda")
+    reduce = all_reduce_sum() if world > 1 else None
+    last: dict = {}
+
+    for step in tqdm(range(start, t.steps), desc="train", disable=not (progress and dist.is_main()),
+                     initial=start, total=t.steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, peak=t.lr, warmup_steps=t.warmup_steps)
+        # 1. Push real samples; choose classes and guidance; draw queue samples and noise for the global batch.
+        g_push, g_step = step_generator(t.seed, step, 0), step_generator(t.seed, step, 1)
+        idx = torch.randint(len(images), (t.push_per_step,), generator=g_push)
+        queue.push(images[idx].to(device), labels[idx].to(device))
+        classes = torch.randperm(num_classes, generator=g_step)[: t.classes]
+        alpha = sample_alpha(t.classes, power=cfg.guidance.power, alpha_min=cfg.guidance.alpha_min,
+                             alpha_max=cfg.guidance.alpha_max, no_guidance_frac=cfg.guidance.no_guidance_frac,
+                             generator=g_step)
+        w = guidance_weight(alpha, t.gen_per_class, t.uncond_per_class)
+        pos = queue.sample_positive(classes.to(device), t.pos_per_class, g_step)
+        neg = queue.sample_unconditional(t.classes, t.uncond_per_class, g_step) if t.uncond_per_class else None
+        noise, style = draw_inputs(model, t.classes * t.gen_per_class, generator=g_step, device=device)
+
+        # 2. This process's classes, in chunks: (class slice, its generator inputs, its real samples)
+        def chunk_inputs(k: int):
+            c = slice(rank * local_classes + k * chunk, rank * local_classes + (k + 1) * chunk)
+            s = slice(c.start * t.gen_per_class, c.stop * t.gen_per_class)
+            cls = classes[c].to(device).repeat_interleave(t.gen_per_class)
+            a = alpha[c].to(device).repeat_interleave(t.gen_per_class)
+            real_pos = to_float(pos[c].flatten(0, 1))
+            real_neg = to_float(neg[c].flatten(0, 1)) if neg is not None else None
+            return (noise[s], cls, a, None if style is None else style[s]), real_pos, real_neg, w[c].to(device)
+
+        def generate(inputs):
+            with autocast:
+                return train_model(*inputs).float()
+
+        n_chunks = local_classes // chunk
+        stats = None
+        if n_chunks > 1:  # global statistics first, over every chunk of every process
+            with torch.no_grad():
+                batches = []
+                for k in range(n_chunks):
+                    inputs, p, n, wk = chunk_inputs(k)
+                    batches.append(ClassBatch(generate(inputs), p, n, wk))
+                stats = loss_fn.stats(batches, all_reduce=reduce)
+        opt.zero_grad(set_to_none=True)
+        total, info = 0.0, {}
+        for k in range(n_chunks):
+            inputs, p, n, wk = chunk_inputs(k)
+            sync = k == n_chunks - 1 or world == 1 or not hasattr(train_model, "no_sync")
+            context = train_model.no_sync() if not sync else _null()
+            with context:
+                loss, info = loss_fn(generate(inputs), p, n, wk, stats=stats,
+                                     all_reduce=reduce if stats is None else None)
+                (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
+            total += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        ema_update(emas, model, {d: d for d in t.ema_decays})
+        meter.update(t.classes * t.gen_per_class)
+        step_done = step + 1
+
+        # 3. Log, sample, checkpoint.
+        if step_done % t.log_every == 0 or step_done == t.steps:
+            last = {"loss": total, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                    "samples_per_s": meter.rate(), "step_ms": 1e3 * (time.perf_counter() - t0)}
+            for key, v in info.items():  # scale and drift RMS per temperature show progress; the loss is ~constant
+                last[f"scale/{key}"] = float(v["scale"])
+                for tau, ms in zip(cfg.loss.temperatures, v["drift_ms"].tolist()):
+                    last[f"drift_rms_{tau}/{key}"] = math.sqrt(ms)
+            logger.log(step_done, last)
+        if (t.sample_every and step_done % t.sample_every == 0) or step_done == t.steps:
+            if dist.is_main():
+                save_grid(emas[max(t.ema_decays)] if t.ema_decays else model, num_classes,
+                          run_dir / f"samples_{step_done:06d}.png", seed=t.seed)
+        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
+            if dist.is_main():
+                save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", {
+                    "model": unwrap(model).state_dict(),
+                    "ema": {str(d): e.state_dict() for d, e in emas.items()},
+                    "optimizer": opt.state_dict(), "queue": queue.state_dict(), "step": step_done,
+                    "config": config_to_dict(cfg)}, keep_last=t.keep_checkpoints)
+            dist.barrier()
+    if dist.is_main() and t.ema_decays:
+        export_weights(run_dir / "ema.pt", emas[max(t.ema_decays)].state_dict(), config_to_dict(cfg),
+                       meta={"step": t.steps, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
+                             "shape": list(shape)})
+    logger.close()
+    return last
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def save_grid(model: torch.nn.Module, num_classes: int, path: Path, *, seed: int, per_class: int = 8,
+              alpha: float = 1.0) -> None:
+    """A grid of one-step samples: one row per class (at most 10 rows), fixed noise, as a PNG."""
+    from PIL import Image
+
+    from drifting.data.datasets import to_uint8
+
+    rows = min(num_classes, 10)
+    labels = torch.arange(rows).repeat_interleave(per_class)
+    device = next(model.parameters()).device
+    noise, style = draw_inputs(model, len(labels), generator=torch.Generator().manual_seed(seed), device=device)
+    model.eval()
+    x = model(noise, labels.to(device), torch.full((len(labels),), alpha, device=device), style).float()
+    img = to_uint8(x.clamp(-1, 1)).cpu()  # [N, C, H, W]
+    n, c, h, w = img.shape
+    grid = img.reshape(rows, per_class, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, per_class * w, c)
+    scale = max(1, 128 // h)
+    image = Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy())
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def main(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress: bool = True) -> dict:
+    try:
+        return train(cfg, run_dir, resume=resume, progress=progress)
+    finally:
+        dist.cleanup()
+
