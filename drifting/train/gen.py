@@ -100,6 +100,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 2.0
     ema_decays: tuple[float, ...] = (0.999,)
+    # decay_t = min(decay, (1 + t) / (10 + t)): without it, samples of a short run are mostly the zero-output
+    # initialisation (0.999^1000 = 37% of it after 1,000 steps). False: the authors' constant decay from step 0.
+    ema_warmup: bool = True
     queue_per_class: int = 128
     queue_uncond: int = 1000
     push_per_step: int = 64
@@ -299,7 +302,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             total += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        ema_update(emas, model, {d: d for d in t.ema_decays})
+        warm = (1 + step) / (10 + step) if t.ema_warmup else 1.0
+        ema_update(emas, model, {d: min(d, warm) for d in t.ema_decays})
         meter.update(t.classes * t.gen_per_class)
         step_done = step + 1
 
