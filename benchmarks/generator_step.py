@@ -61,7 +61,6 @@ def main() -> None:
                      "attn_fp32": not args.no_attn_fp32, "ms": ms, "samples_per_s": args.batch / ms * 1e3,
                      "peak_gib": peak})
         print(f"{name:<14} {args.batch:>5} {ms:>9.1f} {args.batch / ms * 1e3:>10.0f} {peak:>9.2f}")
-        del model
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import secrets
 import types
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from drifting.atomic import atomic_write
 
 T = TypeVar("T")
 
@@ -57,20 +58,8 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML atomically: a crash never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same directory so os.replace is an atomic rename on one filesystem;
-    # plain open() (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def resolve_preset(name_or_path: str | os.PathLike) -> Path:

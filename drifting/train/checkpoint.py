@@ -22,13 +22,14 @@ import json
 import os
 import random
 import re
-import secrets
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from drifting.atomic import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -96,7 +97,7 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     _check_plain(state, "state")
     path = Path(path)
-    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
     if keep_last is not None:
         found = list_checkpoints(path.parent)
         keep = {p for _, p in found[-keep_last:]} | {path}
@@ -153,9 +154,9 @@ def export_weights(
         "meta": meta,
     }
     _check_plain(state, "export")
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     text = json.dumps({"config": state["config"], "meta": meta}, indent=2, sort_keys=False)
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(text.encode() + b"\n"))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(text.encode() + b"\n"))
     return path
 
 
@@ -213,37 +214,6 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
 
 
 # --------------------------------------------------------------------------- internals
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Call `write(binary file)` on a temp file beside `path`, fsync it, rename it over `path`, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is a rename within one filesystem (atomic on POSIX and Windows).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable across a power loss. Not possible on every platform (Windows): best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_plain(obj: Any, where: str) -> None:
