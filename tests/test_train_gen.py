@@ -113,3 +113,27 @@ def test_config_errors_name_the_field():
         GenConfig(data=DataConfig(dataset="imagenet-21k"))
     with pytest.raises(FileNotFoundError):
         main(replace(TINY, data=DataConfig(dataset="mnist", path="/nonexistent/mnist.npz")), "/tmp/unused-run")
+
+
+def test_every_preset_loads_and_paper_presets_need_their_data():
+    from pathlib import Path
+
+    from drifting.config import load_config
+
+    presets = sorted(Path(__file__).resolve().parents[1].glob("configs/gen/*.yaml"))
+    assert {p.stem for p in presets} >= {"debug", "mnist", "fashion", "cifar10", "ablation", "latent_b2", "latent_l2"}
+    for path in presets:
+        cfg = load_config(GenConfig, path, ["data.path=/data/somewhere"])
+        assert cfg.train.steps >= 1
+    ablation = load_config(GenConfig, presets[[p.stem for p in presets].index("ablation")], ["data.path=/x"])
+    t = ablation.train  # Table 8, ablation column
+    assert (t.classes, t.gen_per_class, t.pos_per_class, t.uncond_per_class, t.lr, t.warmup_steps, t.steps) == (
+        64, 64, 64, 16, 2e-4, 5000, 30000)
+    with pytest.raises(ValueError, match="data.path"):
+        load_config(GenConfig, presets[[p.stem for p in presets].index("ablation")])
+
+
+def test_an_encoder_without_weights_is_refused(tmp_path):
+    cfg = replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny"))
+    with pytest.raises(ValueError, match="encoder_weights"):
+        main(cfg, tmp_path, progress=False)

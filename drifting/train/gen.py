@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from drifting.config import config_to_dict, save_config
 from drifting.data.datasets import DATASETS, load_dataset, to_float
+from drifting.data.latents import load_latents
 from drifting.data.queue import SampleQueue
 from drifting.data.synthetic import synthetic_images
 from drifting.drift import all_reduce_sum
@@ -48,8 +49,8 @@ from drifting.train.schedule import lr_at
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | mnist | fashion-mnist | cifar10
-    path: str | None = None  # the dataset file or folder (default: the registry's search path)
+    dataset: str = "synthetic"  # synthetic | mnist | fashion-mnist | cifar10 | latents (a cache, see data/latents.py)
+    path: str | None = None  # the dataset file or folder (default: the registry's search path; required for latents)
     synthetic_classes: int = 4  # the synthetic set: classes, images per class, size
     synthetic_per_class: int = 256
     synthetic_size: int = 8
@@ -69,7 +70,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     encoder: str | None = None  # a preset of drifting.models.resnet_mae.resnet_maes; None: raw samples only
-    encoder_weights: str | None = None  # a state dict saved by `drifting train-mae`; None: random initialisation
+    encoder_weights: str | None = None  # the file `drifting train-mae` exports, or "random" (required with an encoder)
     subset: Literal["a,b", "a-c", "a-d"] = "a-d"
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     normalize: Literal["xy", "y", "none"] = "xy"
@@ -126,9 +127,12 @@ class GenConfig:
 
     def __post_init__(self) -> None:
         t = self.train
-        if self.data.dataset != "synthetic" and self.data.dataset not in DATASETS:
-            raise ValueError(f"data.dataset: expected 'synthetic' or one of {sorted(DATASETS)}, got "
+        if self.data.dataset not in ("synthetic", "latents") and self.data.dataset not in DATASETS:
+            raise ValueError(f"data.dataset: expected 'synthetic', 'latents' or one of {sorted(DATASETS)}, got "
                              f"{self.data.dataset!r}")
+        if self.data.dataset == "latents" and self.data.path is None:
+            raise ValueError("data.path: the latent cache folder is required with data.dataset=latents "
+                             "(build it with `python -m drifting.data.latents IMAGES VAE OUT`)")
         if self.model.generator not in GENERATORS:
             raise ValueError(f"model.generator: expected one of {sorted(GENERATORS)}, got {self.model.generator!r}")
         if self.loss.encoder is not None and self.loss.encoder not in resnet_maes:
@@ -149,13 +153,30 @@ class GenConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_training_data(cfg: DataConfig) -> tuple[Tensor, Tensor, int]:
-    """(images uint8 [N, C, H, W], labels int64 [N], number of classes)."""
+class TrainingData(NamedTuple):
+    """What the loop needs of a data set: draw samples by index, their labels, and how the queue stores them."""
+
+    sample: Callable[[Tensor, torch.Generator], Tensor]  # (indices [k], generator) -> [k, *shape] in `storage`
+    labels: Tensor  # int64 [N]
+    num_classes: int
+    shape: tuple[int, ...]
+    storage: torch.dtype  # uint8 images (converted to [-1, 1] when drawn from the queue) or float32 latents
+
+    def to_model(self, x: Tensor) -> Tensor:
+        return to_float(x) if self.storage == torch.uint8 else x.float()
+
+
+def load_training_data(cfg: DataConfig) -> TrainingData:
+    """Images (uint8 [N, C, H, W], held in memory) or a latent cache (float, memory-mapped shards)."""
+    if cfg.dataset == "latents":
+        latents, labels = load_latents(cfg.path)
+        return TrainingData(latents.sample, labels, latents.num_classes, tuple(latents.shape), torch.float32)
     if cfg.dataset == "synthetic":
         images, labels = synthetic_images(cfg.synthetic_classes, cfg.synthetic_per_class, cfg.synthetic_size)
-        return images, labels, cfg.synthetic_classes
-    images, labels = load_dataset(cfg.dataset, "train", cfg.path)
-    return images, labels, int(labels.max()) + 1
+    else:
+        images, labels = load_dataset(cfg.dataset, "train", cfg.path)
+    return TrainingData(lambda idx, g: images[idx], labels, int(labels.max()) + 1, tuple(images.shape[1:]),
+                        torch.uint8)
 
 
 def build_model(cfg: GenConfig, num_classes: int, shape: tuple[int, ...]) -> torch.nn.Module:
@@ -171,15 +192,16 @@ def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device) ->
     """FeatureDriftLoss over the encoder's keys, or over the raw samples (encoder None)."""
     encoder = None
     if cfg.encoder is not None:
-        encoder = resnet_maes[cfg.encoder]()
-        if (encoder.cfg.in_channels, encoder.cfg.image_size) != (shape[0], shape[1]):
-            raise ValueError(f"loss.encoder: {cfg.encoder} takes {encoder.cfg.in_channels}x{encoder.cfg.image_size}"
-                             f" inputs, the data is {shape[0]}x{shape[1]}")
-        if cfg.encoder_weights is not None:
+        if cfg.encoder_weights is None:
+            raise ValueError("loss.encoder_weights: give the trained encoder's file (`drifting train-mae` writes "
+                             "encoder.pt), or 'random' for a randomly initialised encoder")
+        # the preset's widths, sized to the data (as `drifting train-mae` builds it)
+        encoder = resnet_maes[cfg.encoder](in_channels=shape[0], image_size=shape[1])
+        if cfg.encoder_weights != "random":
             if not Path(cfg.encoder_weights).exists():
                 raise FileNotFoundError(f"loss.encoder_weights: no file at {cfg.encoder_weights}")
             state = torch.load(cfg.encoder_weights, map_location="cpu", weights_only=True)
-            missing, unexpected = encoder.load_state_dict(state.get("model", state), strict=False)
+            missing, _ = encoder.load_state_dict(state.get("model", state), strict=False)
             if missing:
                 raise ValueError(f"loss.encoder_weights: the file does not match {cfg.encoder} "
                                  f"(missing {missing[:3]}...)")
@@ -206,8 +228,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     rank, world = dist.rank(), dist.world_size()
     t = cfg.train
     run_dir = Path(run_dir)
-    images, labels, num_classes = load_training_data(cfg.data)
-    shape = tuple(images.shape[1:])
+    data = load_training_data(cfg.data)
+    num_classes, shape, labels = data.num_classes, data.shape, data.labels
     if t.classes > num_classes:
         raise ValueError(f"train.classes: {t.classes} classes per step, but the data has only {num_classes}")
     if t.classes % world:
@@ -223,7 +245,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     loss_fn = build_loss(cfg.loss, shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
-                        dtype=torch.uint8, device=device)
+                        dtype=data.storage, device=device)
     start = 0
     ckpt_dir = run_dir / "checkpoints"
     if resume and latest_checkpoint(ckpt_dir) is not None:
@@ -235,8 +257,10 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         queue.load_state_dict(state["queue"])
         start = state["step"]
         dist.print0(f"resumed from step {start} ({latest_checkpoint(ckpt_dir)})")
-    elif t.prefill:
-        queue.prefill(images, labels, generator=step_generator(t.seed, 0, 7))
+    elif t.prefill:  # a random permutation of the data, in pieces, until every class queue is full
+        order = torch.randperm(len(labels), generator=step_generator(t.seed, 0, 7))
+        pieces = ((data.sample(i, step_generator(t.seed, 0, 6)), labels[i]) for i in order.split(4096))
+        queue.prefill(pieces, max_samples=len(labels))
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
     train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
@@ -255,8 +279,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             group["lr"] = lr_at(step, peak=t.lr, warmup_steps=t.warmup_steps)
         # 1. Push real samples; choose classes and guidance; draw queue samples and noise for the global batch.
         g_push, g_step = step_generator(t.seed, step, 0), step_generator(t.seed, step, 1)
-        idx = torch.randint(len(images), (t.push_per_step,), generator=g_push)
-        queue.push(images[idx].to(device), labels[idx].to(device))
+        idx = torch.randint(len(labels), (t.push_per_step,), generator=g_push)
+        queue.push(data.sample(idx, g_push).to(device), labels[idx].to(device))
         classes = torch.randperm(num_classes, generator=g_step)[: t.classes]
         alpha = sample_alpha(t.classes, power=cfg.guidance.power, alpha_min=cfg.guidance.alpha_min,
                              alpha_max=cfg.guidance.alpha_max, no_guidance_frac=cfg.guidance.no_guidance_frac,
@@ -272,8 +296,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             s = slice(c.start * t.gen_per_class, c.stop * t.gen_per_class)
             cls = classes[c].to(device).repeat_interleave(t.gen_per_class)
             a = alpha[c].to(device).repeat_interleave(t.gen_per_class)
-            real_pos = to_float(pos[c].flatten(0, 1))
-            real_neg = to_float(neg[c].flatten(0, 1)) if neg is not None else None
+            real_pos = data.to_model(pos[c].flatten(0, 1))
+            real_neg = data.to_model(neg[c].flatten(0, 1)) if neg is not None else None
             return (noise[s], cls, a, None if style is None else style[s]), real_pos, real_neg, w[c].to(device)
 
         def generate(inputs):
@@ -317,7 +341,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     last[f"drift_rms_{tau}/{key}"] = math.sqrt(ms)
             logger.log(step_done, last)
         if (t.sample_every and step_done % t.sample_every == 0) or step_done == t.steps:
-            if dist.is_main():
+            if dist.is_main() and data.storage == torch.uint8:  # latents would need the VAE decoder: not drawn
                 save_grid(emas[max(t.ema_decays)] if t.ema_decays else model, num_classes,
                           run_dir / f"samples_{step_done:06d}.png", seed=t.seed)
         if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
