@@ -52,6 +52,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from drifting.eval.sample import sample_main
+
+    path = sample_main(args.ema, args.out, num_per_class=args.num_per_class, alpha=args.alpha, seed=args.seed,
+                       batch=args.batch, device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from drifting.eval.metrics import eval_main
+
+    result = eval_main(args.samples, evaluator=args.evaluator, ref=args.ref, data=args.data, ema=args.ema,
+                       alphas=args.alphas, num_per_class=args.num_per_class, seed=args.seed, batch=args.batch,
+                       out=args.out, floor=args.floor, neighbours=args.neighbours, device=args.device)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _train_evaluator(args: argparse.Namespace) -> int:
+    from drifting.eval.evaluator import train_evaluator_main
+
+    meta = train_evaluator_main(args.dataset, args.out, data=args.data, epochs=args.epochs, seed=args.seed,
+                                device=args.device, progress=not args.no_progress)
+    print({k: v for k, v in meta.items() if not isinstance(v, dict)})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drifting", description="Drifting Models: one-step generators trained with a kernel drifting field.")
@@ -78,6 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="one-step samples of a trained generator (its ema.pt) to .npz + grid")
+    sample.add_argument("ema", help="the ema.pt a training run wrote")
+    sample.add_argument("--out", help="output .npz (default: beside ema.pt)")
+    sample.add_argument("--num-per-class", type=int, default=1000)
+    sample.add_argument("--alpha", type=float, default=1.0, help="guidance scale alpha >= 1 (1: no guidance)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch", type=int, default=256)
+    sample.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    sample.set_defaults(run=_sample)
+
+    ev = commands.add_parser(
+        "eval", help="FD-<evaluator>, accuracy, IS analogue, precision/recall of samples; guidance sweeps",
+        description="Evaluate sample .npz files, or sample a generator over several guidance scales (--ema, --alphas)"
+                    ", in the features of a project-trained evaluator classifier; --floor adds the real test split.")
+    ev.add_argument("samples", nargs="*", help="sample .npz files (from `drifting sample`)")
+    ev.add_argument("--evaluator", required=True, help="evaluator file, or a dataset name (mnist, fashion-mnist, "
+                                                       "cifar10) for the committed one")
+    ev.add_argument("--ref", help="reference statistics .npz (computed from the training split and written if absent)")
+    ev.add_argument("--data", help="the dataset file/folder (for the reference, the floor and neighbours)")
+    ev.add_argument("--ema", help="a generator's ema.pt, to sample for the guidance sweep")
+    ev.add_argument("--alphas", help="comma list of guidance scales for the sweep, e.g. 1,1.5,2,3")
+    ev.add_argument("--num-per-class", type=int, default=1000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch", type=int, default=500)
+    ev.add_argument("--out", help="output folder for metrics.json/md, sweep table and plots")
+    ev.add_argument("--floor", action="store_true", help="also evaluate the real test split (the floor)")
+    ev.add_argument("--neighbours", type=int, default=0, help="draw a nearest-neighbour panel of N samples")
+    ev.add_argument("--device")
+    ev.set_defaults(run=_eval)
+
+    te = commands.add_parser("train-evaluator", help="train the evaluator classifier of a dataset (fixed recipe)")
+    te.add_argument("dataset", help="mnist, fashion-mnist or cifar10")
+    te.add_argument("--out", help="weights file (default evaluators/<dataset>.pt)")
+    te.add_argument("--data", help="the dataset file/folder")
+    te.add_argument("--epochs", type=int, help="override the recipe's epochs (the committed ones use the recipe)")
+    te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--device")
+    te.add_argument("--no-progress", action="store_true")
+    te.set_defaults(run=_train_evaluator)
     return parser
 
 

@@ -51,3 +51,22 @@ def test_toy_command_rejects_bad_configuration(tmp_path, capsys, args, message):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "drifting", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "drifting" in result.stdout
+
+
+def test_train_then_sample_from_the_command_line(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", "--out", str(run), "train.steps=2", "train.classes=2",
+                 "train.gen_per_class=4", "train.pos_per_class=4", "train.uncond_per_class=2"]) == 0
+    assert main(["sample", str(run / "ema.pt"), "--out", str(tmp_path / "s.npz"), "--num-per-class", "3",
+                 "--device", "cpu"]) == 0
+    import numpy as np
+
+    with np.load(tmp_path / "s.npz") as samples:
+        arrays = {k: samples[k] for k in samples.files}
+    images = next(v for v in arrays.values() if v.ndim == 4)
+    assert images.shape[0] == 3 * 4 and images.dtype == np.uint8  # 4 classes of the synthetic set, 3 each
+
+
+def test_sample_rejects_bad_alpha(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "missing.pt"), "--alpha", "0.5"]) == 2
+    assert "error" in capsys.readouterr().err
