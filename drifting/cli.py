@@ -52,6 +52,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_mae(args: argparse.Namespace) -> int:
+    from drifting.config import load_config, resolve_preset
+    from drifting.train.mae import MAEConfig, main as mae_main
+
+    preset = resolve_preset(args.preset) if args.preset else None
+    cfg = load_config(MAEConfig, preset, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / "train-mae" / (Path(args.preset).stem if args.preset
+                                                                        else "debug")
+    final = mae_main(cfg, out, resume=not args.no_resume, progress=not args.no_progress)
+    print(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    print(f"wrote {out}/ (config.yaml, metrics.jsonl, checkpoints/, encoder.pt)")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from drifting.eval.sample import sample_main
 
@@ -108,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+
+    mae = commands.add_parser(
+        "train-mae", help="pre-train the ResNet-MAE feature encoder (default: a tiny one on the synthetic set)",
+        description="Masked-autoencoder pre-training of the ResNet-MAE (2x2 cells masked at 50%%, loss on masked "
+                    "cells, AdamW, EMA, optional classification fine-tune); exports the EMA encoder as encoder.pt "
+                    "for `drifting train loss.encoder=... loss.encoder_weights=.../encoder.pt`.")
+    _add_config_arguments(mae)
+    mae.add_argument("--out", help="output folder (default runs/train-mae/<preset>); resumed when it has checkpoints")
+    mae.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+    mae.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mae.set_defaults(run=_train_mae)
 
     sample = commands.add_parser("sample", help="one-step samples of a trained generator (its ema.pt) to .npz + grid")
     sample.add_argument("ema", help="the ema.pt a training run wrote")

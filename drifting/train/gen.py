@@ -195,12 +195,20 @@ def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device) ->
         if cfg.encoder_weights is None:
             raise ValueError("loss.encoder_weights: give the trained encoder's file (`drifting train-mae` writes "
                              "encoder.pt), or 'random' for a randomly initialised encoder")
-        # the preset's widths, sized to the data (as `drifting train-mae` builds it)
-        encoder = resnet_maes[cfg.encoder](in_channels=shape[0], image_size=shape[1])
+        state = None
         if cfg.encoder_weights != "random":
             if not Path(cfg.encoder_weights).exists():
                 raise FileNotFoundError(f"loss.encoder_weights: no file at {cfg.encoder_weights}")
             state = torch.load(cfg.encoder_weights, map_location="cpu", weights_only=True)
+        # `drifting train-mae` resizes the preset to its data and records how in the export's meta; a random encoder
+        # takes the preset's widths sized to this data
+        kwargs = (state or {}).get("meta", {}).get("encoder_kwargs") or {"in_channels": shape[0],
+                                                                          "image_size": shape[1]}
+        encoder = resnet_maes[cfg.encoder](**kwargs)
+        if (encoder.cfg.in_channels, encoder.cfg.image_size) != (shape[0], shape[1]):
+            raise ValueError(f"loss.encoder_weights: the encoder takes {encoder.cfg.in_channels}x"
+                             f"{encoder.cfg.image_size} inputs, the data is {shape[0]}x{shape[1]}")
+        if state is not None:
             missing, _ = encoder.load_state_dict(state.get("model", state), strict=False)
             if missing:
                 raise ValueError(f"loss.encoder_weights: the file does not match {cfg.encoder} "
