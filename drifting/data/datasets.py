@@ -283,6 +283,25 @@ def image_folder_classes(root: str | os.PathLike) -> list[str]:
     return classes
 
 
+def image_folder_files(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
+    """root/<class>/**/<image> -> (files, labels, class names): sorted class folders, files recursively in sorted
+    order, hidden files and folders skipped; a class folder without images is an error."""
+    root = Path(root)
+    classes = image_folder_classes(root)
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(
+            p for p in (root / name).rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not found:
+            raise ValueError(f"{root / name}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += [str(p) for p in found]
+        labels += [label] * len(found)
+    return files, labels, classes
+
+
 def load_image_folder(
     root: str | os.PathLike, mode: str = "RGB", num_workers: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -294,17 +313,7 @@ def load_image_folder(
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     root = Path(root)
-    files, labels = [], []
-    for label, name in enumerate(image_folder_classes(root)):
-        found = sorted(
-            p for p in (root / name).rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        if not found:
-            raise ValueError(f"{root / name}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        files += [str(p) for p in found]
-        labels += [label] * len(found)
+    files, labels, _ = image_folder_files(root)
     try:
         images = _decode_all(files, mode, num_workers)
     except ValueError as e:

@@ -44,7 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from drifting.atomic import atomic_write
-from drifting.data.datasets import IMAGE_SUFFIXES, image_folder_classes, to_float
+from drifting.data.datasets import image_folder_files, to_float
 
 __all__ = ["center_crop_arr", "build_latent_cache", "load_vae", "LatentDataset", "load_latents"]
 
@@ -73,23 +73,6 @@ def center_crop_arr(pil_image, size: int) -> np.ndarray:
     arr = np.array(pil_image)  # a writable copy
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
-
-
-def _folder_files(root: Path) -> tuple[list[str], list[int], list[str]]:
-    """root/<class>/**/<image> -> (files, labels, class names), in the order of `datasets.load_image_folder`."""
-    classes = image_folder_classes(root)
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted(
-            p for p in (root / name).rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        if not found:
-            raise ValueError(f"{root / name}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        files += [str(p) for p in found]
-        labels += [label] * len(found)
-    return files, labels, classes
 
 
 class _CroppedImages(torch.utils.data.Dataset):
@@ -129,7 +112,7 @@ def _source(images_source) -> tuple[Sequence[str] | Tensor, np.ndarray, list[str
         root = Path(images_source)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        files, labels, classes = _folder_files(root)
+        files, labels, classes = image_folder_files(root)
         return files, np.asarray(labels, dtype=np.int64), classes, str(root.resolve())
     if not (isinstance(images_source, (tuple, list)) and len(images_source) == 2):
         raise ValueError("images_source must be an image folder path or a pair (uint8 images [N, C, H, W], labels [N])")
