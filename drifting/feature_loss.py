@@ -51,6 +51,7 @@ from drifting.features import FeatureConfig, channel_norm, flatten_sample, tap_s
 
 # Names of the two non-tap sources of keys (brackets keep them apart from any tap name).
 SAMPLE, INPUT = "(sample)", "(input)"
+OWN_KEY = "(key)"  # prefix of the sources that are ready-made keys of an encoder with `feature_sets`
 DRIFT_OPTIONS = frozenset(
     {"temperatures", "normalize", "affinity_floor", "self_mask", "attraction", "repulsion", "chunk_size",
      "check_finite", "impl"}
@@ -86,14 +87,23 @@ class FeatureDriftLoss:
             attraction, repulsion, chunk_size (problems per chunk inside a key), check_finite.
     """
 
-    def __init__(self, encoder: nn.Module | None, features: FeatureConfig = FeatureConfig(), **drift_options):
+    def __init__(self, encoder: nn.Module | Sequence[nn.Module] | None, features: FeatureConfig = FeatureConfig(),
+                 **drift_options):
         unknown = set(drift_options) - DRIFT_OPTIONS
         if unknown:
             raise ValueError(f"unknown drift option(s) {sorted(unknown)}; valid: {sorted(DRIFT_OPTIONS)}")
         # encoder=None: the drifting loss on the raw samples only (the `global` key; vector data, the paper's policies)
         if encoder is None and not features.use_global:
             raise ValueError("features.use_global: must be on when there is no encoder (it would leave no key)")
-        self.encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
+        encoders = [] if encoder is None else list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
+        # Tap encoders (`taps`, e.g. ResNet-MAE) get the key set of `features`; encoders with `feature_sets` (e.g. the
+        # ConvNeXt-V2 of the pixel configs) bring their own keys. norm_x comes from the first tap encoder's input.
+        self.encoders = [e.requires_grad_(False).eval() for e in encoders]
+        for e in self.encoders:
+            if not (hasattr(e, "taps") or hasattr(e, "feature_sets")):
+                raise ValueError(f"encoder: {type(e).__name__} has neither taps(x) nor feature_sets(x)")
+        taps = [e for e in self.encoders if not hasattr(e, "feature_sets")]
+        self.encoder = taps[0] if taps else None  # the encoder whose patchify gives norm_x
         self.features = features
         self.drift_options = drift_options
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
@@ -105,14 +115,18 @@ class FeatureDriftLoss:
     def _sources(self, x: Tensor) -> dict[str, Tensor]:
         """The tensors the keys are computed from: the sample, the encoder input (for norm_x) and the taps."""
         out = {SAMPLE: x}
-        if self.encoder is None:
-            return out
-        if self.features.use_norm_x:
+        if self.encoder is not None and self.features.use_norm_x:
             out[INPUT] = self.encoder.patchify(x)
-        taps = self.encoder.taps(x)
-        if SAMPLE in taps or INPUT in taps:
-            raise ValueError(f"encoder tap names must differ from {SAMPLE!r} and {INPUT!r}")
-        return {**out, **taps}
+        for encoder in self.encoders:
+            if hasattr(encoder, "feature_sets"):  # ready-made vector sets [N, L, S], one source per key
+                named = {OWN_KEY + key: vectors for key, vectors in encoder.feature_sets(x).items()}
+            else:
+                named = encoder.taps(x)
+            for name in named:
+                if name in out or name in (SAMPLE, INPUT):
+                    raise ValueError(f"encoder: two sources are named {name!r}; tap and key names must be unique")
+            out.update(named)
+        return out
 
     def _vector_sets(self, sources: dict[str, Tensor]) -> Iterator[tuple[str, str, Tensor]]:
         """(source name, key, vectors [N, L, S]) for every key, lazily, in the order of `features.feature_sets`."""
@@ -122,7 +136,9 @@ class FeatureDriftLoss:
         if INPUT in sources:
             yield INPUT, "norm_x", channel_norm(sources[INPUT], cfg.input_stat)
         for name, fmap in sources.items():
-            if name not in (SAMPLE, INPUT):
+            if name.startswith(OWN_KEY):
+                yield name, name[len(OWN_KEY):], fmap
+            elif name not in (SAMPLE, INPUT):
                 for key, vectors in tap_sets(name, fmap, cfg.subset):
                     yield name, key, vectors
 

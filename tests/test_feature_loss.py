@@ -209,3 +209,34 @@ def test_autocast_leaves_the_drift_math_in_float32():
         autocast, info = fdl(gen, pos, neg, w)
     assert autocast.dtype == torch.float32
     torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+def test_a_tap_encoder_and_an_own_key_encoder_give_the_pixel_key_set_exactly_over_chunks():
+    """The pixel configs: ResNet-MAE keys (86 with global and norm_x) + the 13 ConvNeXt-V2 keys = 99, and the
+    chunked statistics stay exact with both encoders."""
+    from drifting.models.adapters import ConvNeXtV2Features, adapter_configs
+    from drifting.models.resnet_mae import resnet_maes
+
+    torch.manual_seed(0)
+    mae = resnet_maes["mae_tiny"](in_channels=3, image_size=32).double()
+    convnext = ConvNeXtV2Features(adapter_configs["convnextv2_tiny_test"]).double()
+    fdl = FeatureDriftLoss([mae, convnext])
+    g = torch.Generator().manual_seed(1)
+    n_c, c_g, c_p, c_n = 2, 3, 3, 2
+    gen = torch.randn(n_c * c_g, 3, 32, 32, generator=g, dtype=torch.float64).tanh().requires_grad_()
+    pos = torch.randn(n_c * c_p, 3, 32, 32, generator=g, dtype=torch.float64).tanh()
+    neg = torch.randn(n_c * c_n, 3, 32, 32, generator=g, dtype=torch.float64).tanh()
+    w = torch.tensor([0.0, 2.5], dtype=torch.float64)
+    loss, info = fdl(gen, pos, neg, w)
+    assert len(info) == 99 and "global_mean" in info and "convnext_stage_1" in info and "layer4_std" in info
+    (grad_whole,) = torch.autograd.grad(loss, gen)
+    batches = [ClassBatch(gen[k * c_g:(k + 1) * c_g].detach(), pos[k * c_p:(k + 1) * c_p],
+                          neg[k * c_n:(k + 1) * c_n], w[k:k + 1]) for k in range(n_c)]
+    stats = fdl.stats(batches)
+    total = 0.0
+    for k, b in enumerate(batches):
+        part, _ = fdl(gen[k * c_g:(k + 1) * c_g], b.pos, b.neg, b.w, stats=stats)
+        total = total + part
+    (grad_chunks,) = torch.autograd.grad(total, gen)
+    torch.testing.assert_close(total, loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad_chunks, grad_whole, rtol=1e-8, atol=1e-12)

@@ -71,6 +71,8 @@ class ModelConfig:
 class LossConfig:
     encoder: str | None = None  # a preset of drifting.models.resnet_mae.resnet_maes; None: raw samples only
     encoder_weights: str | None = None  # the file `drifting train-mae` exports, or "random" (required with an encoder)
+    # the pixel configs' second encoder: ConvNeXt-V2-Base weights (timm, HF or Facebook file), or "random" (tests)
+    convnext_weights: str | None = None
     subset: Literal["a,b", "a-c", "a-d"] = "a-d"
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     normalize: Literal["xy", "y", "none"] = "xy"
@@ -214,8 +216,17 @@ def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device) ->
                 raise ValueError(f"loss.encoder_weights: the file does not match {cfg.encoder} "
                                  f"(missing {missing[:3]}...)")
         encoder = encoder.to(device)
+    encoders = [encoder] if encoder is not None else []
+    if cfg.convnext_weights is not None:
+        from drifting.models.adapters import ConvNeXtV2Features, adapter_configs
+
+        if shape[0] != 3:
+            raise ValueError(f"loss.convnext_weights: ConvNeXt-V2 takes RGB pixels, the data has {shape[0]} channels")
+        convnext = (ConvNeXtV2Features(adapter_configs["convnextv2_base"]) if cfg.convnext_weights == "random"
+                    else ConvNeXtV2Features.from_file(cfg.convnext_weights, adapter_configs["convnextv2_base"]))
+        encoders.append(convnext.to(device))
     features = FeatureConfig(subset=cfg.subset, use_norm_x=encoder is not None)
-    return FeatureDriftLoss(encoder, features, temperatures=cfg.temperatures, normalize=cfg.normalize,
+    return FeatureDriftLoss(encoders or None, features, temperatures=cfg.temperatures, normalize=cfg.normalize,
                             affinity_floor=cfg.affinity_floor, attraction=cfg.attraction, repulsion=cfg.repulsion,
                             impl=cfg.impl, check_finite=False)
 
