@@ -110,7 +110,8 @@ class TrainConfig:
     queue_uncond: int = 1000
     push_per_step: int = 64
     prefill: bool = True  # fill the queues before step 0 (the authors' start empty: positives repeat for ~2k steps)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP2 sharding exists (train/parallel.py, tested there) but the loop's EMA and checkpoints are not sharded yet
+    strategy: Literal["ddp"] = "ddp"
     compile: bool = False
     seed: int = 0
     log_every: int = 50
