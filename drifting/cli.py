@@ -96,6 +96,24 @@ def _train_evaluator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_train(argv: list[str]) -> int:
+    from drifting.policy.train import cli
+
+    cli(argv)
+    return 0
+
+
+def _policy_eval(argv: list[str]) -> int:
+    from drifting.policy.evaluate import cli
+
+    cli(argv)
+    return 0
+
+
+# Commands whose own argument parsers take the rest of the command line (`drifting policy-train --help` included).
+DELEGATED = {"policy-train": _policy_train, "policy-eval": _policy_eval}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drifting", description="Drifting Models: one-step generators trained with a kernel drifting field.")
@@ -173,10 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--device")
     te.add_argument("--no-progress", action="store_true")
     te.set_defaults(run=_train_evaluator)
+
+    # Push-T (needs the `policy` extra); their own argument parsers take the rest of the command line
+    pt = commands.add_parser("policy-train", add_help=False,
+                             help="train a Push-T policy: Drifting Policy (1 step) or the DDPM baseline (100 steps)")
+    pt.add_argument("args", nargs=argparse.REMAINDER)
+    pe = commands.add_parser("policy-eval", add_help=False,
+                             help="evaluate a Push-T policy under Diffusion Policy's protocol (50 seeded episodes)")
+    pe.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

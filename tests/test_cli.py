@@ -70,3 +70,10 @@ def test_train_then_sample_from_the_command_line(tmp_path):
 def test_sample_rejects_bad_alpha(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "missing.pt"), "--alpha", "0.5"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["policy-train", "policy-eval"])
+def test_policy_commands_hand_over_to_their_own_parsers(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "Push-T" in capsys.readouterr().out

@@ -1,0 +1,143 @@
+"""Drifting Policy on Push-T: environment parity, demonstration loader, policy shapes, smoke training/evaluation.
+
+Skips cleanly without the `policy` extra (gym-pusht, pymunk, zarr...). CPU only, a few seconds in all.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("zarr")
+pytest.importorskip("pymunk")
+pytest.importorskip("shapely")
+pytest.importorskip("pygame")
+pytest.importorskip("gym_pusht")
+
+from drifting.policy.demos import (DemoConfig, PushTDemos, read_zarr, split_episodes,  # noqa: E402
+                                   synthetic_zarr, window_index)
+from drifting.policy.env import PushT, dp_reset_state  # noqa: E402
+from drifting.policy.evaluate import chunk_latency, evaluate  # noqa: E402
+from drifting.policy.model import ChunkPolicy, ChunkUNet, PolicyModelConfig  # noqa: E402
+from drifting.policy.train import PolicyConfig, PolicyTrainConfig, knn_index, load_policy, main  # noqa: E402
+
+TINY = PolicyModelConfig(down_dims=(16, 32), groups=4, time_dim=16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 100000, 100049])
+def test_reset_parity_with_diffusion_policy_draws(seed):
+    rs = np.random.RandomState(seed)  # the documented order of draws
+    expected = [rs.randint(50, 450), rs.randint(50, 450), rs.randint(100, 400), rs.randint(100, 400),
+                rs.randn() * 2 * np.pi - np.pi]
+    np.testing.assert_array_equal(dp_reset_state(seed), expected)
+    obs = PushT().reset(seed=seed)
+    np.testing.assert_allclose(obs[:4], expected[:4], atol=1e-6)
+    assert abs(np.angle(np.exp(1j * (obs[4] - expected[4])))) < 1e-6  # angle reported mod 2 pi
+
+
+def test_restore_state_sets_angle_before_position_and_steps_reproducibly():
+    state = np.array([100.0, 120.0, 300.0, 250.0, 1.3])
+    env = PushT()
+    obs = env.reset(state=state)
+    # the block's origin lands exactly where asked even though its centre of gravity is elsewhere
+    np.testing.assert_allclose(obs, state, atol=1e-6)
+    actions = [np.array([110.0 + 5 * k, 130.0 + 3 * k]) for k in range(12)]
+    first = [env.step(a)[0] for a in actions]
+    env.reset(state=state)
+    second = [env.step(a)[0] for a in actions]
+    np.testing.assert_allclose(np.stack(first), np.stack(second), atol=1e-9)
+    assert np.abs(first[-1][:2] - obs[:2]).max() > 1.0  # the agent did move
+
+
+def test_episode_ends_at_max_steps_with_clipped_reward():
+    env = PushT(max_steps=5)
+    env.reset(seed=100000)
+    for k in range(5):
+        _, reward, done, info = env.step(np.array([256.0, 256.0]))
+        assert 0.0 <= reward <= 1.0 and reward == pytest.approx(min(info["coverage"] / 0.95, 1.0))
+    assert done and info["steps"] == 5
+    with pytest.raises(RuntimeError):
+        env.step(np.array([256.0, 256.0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Demonstrations
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_split_sizes():
+    train, val = split_episodes(206, 0.02, 90, 42)
+    assert (len(train), len(val)) == (90, 4) and not set(train) & set(val)
+    train, val = split_episodes(10, 0.02, 90, 42)
+    assert (len(train), len(val)) == (9, 1)
+    np.testing.assert_array_equal(split_episodes(206)[0], split_episodes(206)[0])  # seeded
+
+
+def test_windows_pad_at_episode_borders():
+    idx = window_index(np.array([20]), np.array([0]), obs_horizon=2, pred_horizon=16, action_horizon=8)
+    assert idx.shape == (20 - 16 + 7 + 1 + 1, 16)  # starts -1 .. L - H + T_a - 1
+    np.testing.assert_array_equal(idx[0, :3], [0, 0, 1])  # the first step repeated before the start
+    np.testing.assert_array_equal(idx[-1, -3:], [19, 19, 19])  # the last step repeated after the end
+
+
+def test_loader_on_tiny_zarr(tmp_path):
+    path = synthetic_zarr(tmp_path / "tiny.zarr", episode_lengths=(30, 25, 40, 20))
+    cfg = DemoConfig(path=str(path), val_ratio=0.25, max_train_episodes=2)
+    train, val = PushTDemos(cfg, "train"), PushTDemos(cfg, "val")
+    assert len(train.episodes) == 2 and len(val.episodes) == 1
+    assert train.obs.shape[1:] == (2, 5) and train.action.shape[1:] == (16, 2)
+    data = read_zarr(path)
+    ends = data["episode_ends"]
+    assert len(train) == sum(ends[e] - (ends[e - 1] if e else 0) - 16 + 8 + 1 for e in train.episodes)
+    obs_norm, act_norm = train.fit_normalizers()
+    y = act_norm.normalize(train.action)
+    assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5
+    torch.testing.assert_close(act_norm.unnormalize(y), train.action)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Policy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["drift", "ddpm"])
+def test_policy_shapes_and_normaliser_in_state_dict(kind):
+    policy = ChunkPolicy(kind, model=TINY, ddpm_steps=4)
+    obs = torch.rand(3, 2, 5) * 400
+    assert policy.sample_chunk(obs).shape == (3, 16, 2)
+    assert policy.predict_action(obs).shape == (3, 8, 2)
+    assert {"obs_norm.low", "obs_norm.high", "action_norm.low", "action_norm.high"} <= set(policy.state_dict())
+
+
+def test_unet_gradients_reach_every_parameter():
+    net = ChunkUNet(2, 10, TINY, timestep=True)
+    out = net(torch.randn(4, 16, 2), torch.randn(4, 10), torch.randint(100, (4,)))
+    assert out.shape == (4, 16, 2)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_knn_positives_include_self():
+    obs = torch.randn(50, 10)
+    nn_idx = knn_index(obs, 4, chunk=16)
+    assert nn_idx.shape == (50, 4)
+    np.testing.assert_array_equal(nn_idx[:, 0].numpy(), np.arange(50))
+
+
+@pytest.mark.parametrize("method,positives", [("drift", "knn"), ("drift", "single"), ("ddpm", "knn")])
+def test_smoke_training_and_evaluation(tmp_path, method, positives):
+    path = synthetic_zarr(tmp_path / "tiny.zarr")
+    cfg = PolicyConfig(data=DemoConfig(path=str(path)), model=TINY,
+                       train=PolicyTrainConfig(method=method, positives=positives, k_pos=4, gen_per_obs=4, batch=8,
+                                               steps=3, log_every=1, warmup_steps=1, ddpm_steps=5, device="cpu"))
+    last = main(cfg, tmp_path / "run")
+    assert np.isfinite(last["loss"])
+    policy = load_policy(tmp_path / "run" / "policy.pt")
+    assert policy.kind == method and float(policy.action_norm.high.max()) > 1.0  # raw pixel units restored
+    result = evaluate(policy, n_episodes=1, max_steps=10)
+    assert result["steps"] == [10] and 0.0 <= result["score"] <= 1.0
+    assert chunk_latency(policy, repeats=2, warmup=1)["median_ms"] > 0
