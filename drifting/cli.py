@@ -38,32 +38,30 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _run_training(args: argparse.Namespace, config_cls, train_main, folder: str, outputs: str) -> int:
+    """Shared by `train` and `train-mae`: preset + overrides -> config, run folder, resume, final metrics."""
     from drifting.config import load_config, resolve_preset
-    from drifting.train.gen import GenConfig, main as train_main
 
     preset = resolve_preset(args.preset) if args.preset else None
-    cfg = load_config(GenConfig, preset, args.overrides)
-    name = Path(args.preset).stem if args.preset else "debug"
-    out = Path(args.out) if args.out else Path("runs") / "train" / name
+    cfg = load_config(config_cls, preset, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / folder / (Path(args.preset).stem if args.preset else "debug")
     final = train_main(cfg, out, resume=not args.no_resume, progress=not args.no_progress)
-    print(" ".join(f"{k}={v:.4g}" for k, v in final.items() if "/" not in k))
-    print(f"wrote {out}/ (config.yaml, metrics.jsonl, samples_*.png, checkpoints/, ema.pt)")
+    print(" ".join(f"{k}={v:.4g}" for k, v in final.items() if "/" not in k))  # per-key figures: metrics.jsonl
+    print(f"wrote {out}/ ({outputs})")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from drifting.train.gen import GenConfig, main
+
+    return _run_training(args, GenConfig, main, "train", "config.yaml, metrics.jsonl, samples_*.png, checkpoints/, "
+                                                         "ema.pt")
 
 
 def _train_mae(args: argparse.Namespace) -> int:
-    from drifting.config import load_config, resolve_preset
-    from drifting.train.mae import MAEConfig, main as mae_main
+    from drifting.train.mae import MAEConfig, main
 
-    preset = resolve_preset(args.preset) if args.preset else None
-    cfg = load_config(MAEConfig, preset, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / "train-mae" / (Path(args.preset).stem if args.preset
-                                                                        else "debug")
-    final = mae_main(cfg, out, resume=not args.no_resume, progress=not args.no_progress)
-    print(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
-    print(f"wrote {out}/ (config.yaml, metrics.jsonl, checkpoints/, encoder.pt)")
-    return 0
+    return _run_training(args, MAEConfig, main, "train-mae", "config.yaml, metrics.jsonl, checkpoints/, encoder.pt")
 
 
 def _sample(args: argparse.Namespace) -> int:
