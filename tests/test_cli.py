@@ -77,3 +77,8 @@ def test_policy_commands_hand_over_to_their_own_parsers(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and "Push-T" in capsys.readouterr().out
+
+
+def test_train_mae_command_writes_the_encoder(tmp_path):
+    assert main(["train-mae", "--no-progress", "--out", str(tmp_path), "train.steps=2"]) == 0
+    assert (tmp_path / "encoder.pt").exists() and (tmp_path / "config.yaml").exists()
