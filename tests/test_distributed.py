@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from drifting.drift import all_reduce_sum, drift_loss
+from multiproc import spawn
 
 # An uneven split: rank 0 holds 5 problems, rank 1 holds 3.
 SPLIT = (0, 5, 8)
@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_processes_equal_one_process(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     gen, pos, neg, neg_weight = make_inputs()
     gen.requires_grad_()
     loss, info = drift_loss(gen, pos, neg, neg_weight=neg_weight)

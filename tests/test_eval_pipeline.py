@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from drifting.data.datasets import to_float
 from drifting.eval.evaluator import EvaluatorFeatures, load_split, resolve_evaluator, train_evaluator
@@ -30,6 +28,7 @@ from drifting.eval.metrics import (
 from drifting.eval.sample import load_generator, sample_to_npz
 from drifting.train.checkpoint import export_weights
 from drifting.train.gen import DataConfig, GenConfig, TrainConfig, main as train_main
+from multiproc import free_port, spawn
 
 # The generator of tests/test_train_gen.py: DiT-tiny on 4 classes of 8x8x3 squares, trained 2 steps.
 TINY = GenConfig(
@@ -165,11 +164,6 @@ def test_sample_to_npz_shapes_balance_determinism(ema_file, tmp_path):
         sample_to_npz(model, tmp_path / "e.npz", num_per_class=1, classes=[4])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sample_worker(rank: int, world: int, port: int, ema: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -182,7 +176,7 @@ def _sample_worker(rank: int, world: int, port: int, ema: str, out: str) -> None
 
 def test_two_gloo_processes_write_the_single_process_samples(ema_file, tmp_path):
     single = sample_to_npz(load_generator(ema_file), tmp_path / "one.npz", num_per_class=3, seed=5, batch=4)
-    mp.spawn(_sample_worker, args=(2, _free_port(), str(ema_file), str(tmp_path / "two.npz")), nprocs=2, join=True)
+    spawn(_sample_worker, 2, free_port(), str(ema_file), str(tmp_path / "two.npz"))
     with np.load(single) as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["labels"], b["labels"])
         assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1

@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from drifting.drift import all_reduce_sum, drift_loss
 from drifting.feature_loss import ClassBatch, FeatureDriftLoss
 from drifting.features import FeatureConfig, feature_sets
 from drifting.models.resnet_mae import ResNetMAE, ResNetMAEConfig
+from multiproc import spawn
 
 # 4 classes, 3 generated, 3 positive and 2 unconditional samples per class, on a 16x16 latent-shaped input.
 N_C, C_G, C_P, C_N = 4, 3, 3, 2
@@ -186,7 +186,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_processes_equal_one_process(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     loss, info, grad = whole()
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name in ("", "chunk_"):

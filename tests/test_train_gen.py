@@ -4,15 +4,14 @@ resume continues the same run bit for bit, and bad configurations fail before an
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from drifting.train.checkpoint import load_checkpoint
 from drifting.train.gen import DataConfig, GenConfig, TrainConfig, main
+from multiproc import free_port, spawn
 
 # 4 classes of 8x8x3 synthetic images, DiT-tiny, tiny batches.
 TINY = GenConfig(
@@ -72,11 +71,6 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
     assert_same_model(a["ema"]["0.999"], b["ema"]["0.999"], exact=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, run_dir: str, cfg: GenConfig) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -89,7 +83,7 @@ def test_two_gloo_processes_give_the_same_update_as_one(tmp_path):
     cfg = with_train(TINY, steps=3)
     single = tmp_path / "single"
     main(cfg, single, progress=False)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), cfg), nprocs=2, join=True)
+    spawn(_worker, 2, free_port(), str(tmp_path / "two"), cfg)
     assert_same_model(final_state(single)["model"], final_state(tmp_path / "two")["model"], exact=False)
 
 

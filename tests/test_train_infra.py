@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from drifting.train import dist as tdist
@@ -29,6 +28,7 @@ from drifting.train.ema import decay_from_half_life, ema_copy, ema_update, half_
 from drifting.train.log import RunLogger, Throughput, make_run_dir, read_metrics
 from drifting.train.parallel import full_state_dict, load_full_state_dict, unwrap, wrap_model
 from drifting.train.schedule import lr_at
+from multiproc import spawn
 
 
 class Tiny(nn.Module):
@@ -389,7 +389,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_processes_average_gradients(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = Tiny().double()

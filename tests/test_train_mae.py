@@ -5,12 +5,10 @@ authors'; resume continues the same run bit for bit; bad configurations fail bef
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from drifting.models.resnet_mae import resnet_maes
 from drifting.train.checkpoint import load_checkpoint
@@ -31,6 +29,7 @@ from drifting.train.mae import (
     random_mask,
     random_resized_crop,
 )
+from multiproc import free_port, spawn
 
 # The default set (4 classes of 3x8x8 synthetic images) made smaller, short runs, a small evaluation.
 TINY = MAEConfig(
@@ -179,11 +178,6 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
     assert_same(torch.load(straight / "encoder.pt")["model"], torch.load(resumed / "encoder.pt")["model"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, run_dir: str, cfg: MAEConfig) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -198,7 +192,7 @@ def test_two_gloo_processes_give_the_same_update_as_one(tmp_path):
     # which AdamW's scale invariance would otherwise hide).
     cfg = with_train(TINY, steps=3, finetune_steps=2, finetune_ramp=1)
     main(cfg, tmp_path / "one", progress=False)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), cfg), nprocs=2, join=True)
+    spawn(_worker, 2, free_port(), str(tmp_path / "two"), cfg)
     one, two = ([r for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("one", "two"))
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
