@@ -164,7 +164,6 @@ def test_sample_to_npz_shapes_balance_determinism(ema_file, tmp_path):
         sample_to_npz(model, tmp_path / "e.npz", num_per_class=1, classes=[4])
 
 
-
 def _sample_worker(rank: int, world: int, port: int, ema: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

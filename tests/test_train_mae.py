@@ -178,7 +178,6 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
     assert_same(torch.load(straight / "encoder.pt")["model"], torch.load(resumed / "encoder.pt")["model"])
 
 
-
 def _worker(rank: int, world: int, port: int, run_dir: str, cfg: MAEConfig) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

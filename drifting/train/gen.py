@@ -10,7 +10,7 @@ the whole global batch on every process, so:
 - classes can be processed in chunks (gradient accumulation): the loss's global statistics are computed first over
   all chunks (`FeatureDriftLoss.stats`), then each chunk's loss is differentiated; the update equals one big step;
 - N processes each take N_c / N of the classes, sum the statistics with all-reduce and average gradients through
-  DDP (the loss is multiplied by N to undo the averaging): the update equals the single-process one;
+  DDP or FSDP2 (the loss is multiplied by N to undo the averaging): the update equals the single-process one;
 - resume needs no RNG state beyond the step: 2 steps + resume + 2 steps equal 4 steps, bit for bit on a CPU.
 The queues are replicated: every process pushes the same real samples and keeps the same queues.
 """
@@ -43,7 +43,10 @@ from drifting.train import dist
 from drifting.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, export_weights
 from drifting.train.ema import ema_copy, ema_update
 from drifting.train.log import RunLogger, Throughput
-from drifting.train.parallel import unwrap, wrap_model
+from drifting.train.parallel import (
+    full_optimizer_state_dict, full_state_dict, load_full_optimizer_state_dict, load_full_state_dict, set_gradient_sync,
+    wrap_model,
+)
 from drifting.train.schedule import lr_at
 
 
@@ -110,8 +113,9 @@ class TrainConfig:
     queue_uncond: int = 1000
     push_per_step: int = 64
     prefill: bool = True  # fill the queues before step 0 (the authors' start empty: positives repeat for ~2k steps)
-    # FSDP2 sharding exists (train/parallel.py, tested there) but the loop's EMA and checkpoints are not sharded yet
-    strategy: Literal["ddp"] = "ddp"
+    # "ddp": every process holds the whole generator. "fsdp": FSDP2 shards the generator, its EMA copies and the
+    # optimiser state per transformer block (for generators that do not fit once per GPU, e.g. L/2 at large batch).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False
     seed: int = 0
     log_every: int = 50
@@ -147,6 +151,8 @@ class GenConfig:
             raise ValueError(f"train.uncond_per_class: expected >= 0, got {t.uncond_per_class}")
         if t.class_chunk is not None and t.class_chunk < 1:
             raise ValueError(f"train.class_chunk: expected None or >= 1, got {t.class_chunk}")
+        if t.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {t.strategy!r}")
         if not all(0 <= d < 1 for d in t.ema_decays):
             raise ValueError(f"train.ema_decays: expected values in [0, 1), got {t.ema_decays}")
 
@@ -262,6 +268,12 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     torch.manual_seed(t.seed)
     model = build_model(cfg, num_classes, shape).to(device)
     emas = {d: ema_copy(model) for d in t.ema_decays}
+    # Wrap before the optimiser exists: FSDP2 replaces the parameters by their shards (DTensors) in place, and the
+    # EMA copies are sharded alike so that each rank updates its own shard.
+    strategy = t.strategy if world > 1 else "none"
+    train_model = wrap_model(model, strategy=strategy, device=device)
+    if strategy == "fsdp":
+        emas = {d: wrap_model(e, strategy="fsdp", device=device) for d, e in emas.items()}
     loss_fn = build_loss(cfg.loss, shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
@@ -270,10 +282,10 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     ckpt_dir = run_dir / "checkpoints"
     if resume and latest_checkpoint(ckpt_dir) is not None:
         state = load_checkpoint(ckpt_dir, map_location=device)
-        model.load_state_dict(state["model"])
+        load_full_state_dict(model, state["model"])  # collectives under FSDP2: every rank loads, keeps its shard
         for d, ema in emas.items():
-            ema.load_state_dict(state["ema"][str(d)])
-        opt.load_state_dict(state["optimizer"])
+            load_full_state_dict(ema, state["ema"][str(d)])
+        load_full_optimizer_state_dict(model, opt, state["optimizer"])
         queue.load_state_dict(state["queue"])
         start = state["step"]
         dist.print0(f"resumed from step {start} ({latest_checkpoint(ckpt_dir)})")
@@ -283,7 +295,6 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         queue.prefill(pieces, max_samples=len(labels))
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-    train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
     if t.compile:
         train_model = torch.compile(train_model)
     logger = RunLogger(run_dir, enabled=dist.is_main())
@@ -337,14 +348,14 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         total, info = 0.0, {}
         for k in range(n_chunks):
             inputs, p, n, wk = chunk_inputs(k)
-            sync = k == n_chunks - 1 or world == 1 or not hasattr(train_model, "no_sync")
-            context = train_model.no_sync() if not sync else _null()
-            with context:
+            with set_gradient_sync(train_model, k == n_chunks - 1):  # reduce gradients once, after the last chunk
                 loss, info = loss_fn(generate(inputs), p, n, wk, stats=stats,
                                      all_reduce=reduce if stats is None else None)
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
             total += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         warm = (1 + step) / (10 + step) if t.ema_warmup else 1.0
         ema_update(emas, model, {d: min(d, warm) for d in t.ema_decays})
@@ -361,31 +372,44 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     last[f"drift_rms_{tau}/{key}"] = math.sqrt(ms)
             logger.log(step_done, last)
         if (t.sample_every and step_done % t.sample_every == 0) or step_done == t.steps:
-            if dist.is_main() and data.storage == torch.uint8:  # latents would need the VAE decoder: not drawn
-                save_grid(emas[max(t.ema_decays)] if t.ema_decays else model, num_classes,
-                          run_dir / f"samples_{step_done:06d}.png", seed=t.seed)
+            if data.storage == torch.uint8:  # latents would need the VAE decoder: not drawn
+                sampler = _plain_on_rank0(emas[max(t.ema_decays)] if t.ema_decays else model, cfg, num_classes,
+                                          shape, device)
+                if sampler is not None:
+                    save_grid(sampler, num_classes, run_dir / f"samples_{step_done:06d}.png", seed=t.seed)
         if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
+            # Full (unsharded) states on CPU; collectives under FSDP2, so every rank gathers and rank 0 writes.
+            state = {"model": full_state_dict(model), "ema": {str(d): full_state_dict(e) for d, e in emas.items()},
+                     "optimizer": full_optimizer_state_dict(model, opt), "queue": queue.state_dict(),
+                     "step": step_done, "config": config_to_dict(cfg)}
             if dist.is_main():
-                save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", {
-                    "model": unwrap(model).state_dict(),
-                    "ema": {str(d): e.state_dict() for d, e in emas.items()},
-                    "optimizer": opt.state_dict(), "queue": queue.state_dict(), "step": step_done,
-                    "config": config_to_dict(cfg)}, keep_last=t.keep_checkpoints)
+                save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", state, keep_last=t.keep_checkpoints)
             dist.barrier()
-    if dist.is_main() and t.ema_decays:
-        export_weights(run_dir / "ema.pt", emas[max(t.ema_decays)].state_dict(), config_to_dict(cfg),
-                       meta={"step": t.steps, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
-                             "shape": list(shape)})
+    if t.ema_decays:
+        ema_state = full_state_dict(emas[max(t.ema_decays)])
+        if dist.is_main():
+            export_weights(run_dir / "ema.pt", ema_state, config_to_dict(cfg),
+                           meta={"step": t.steps, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
+                                 "shape": list(shape)})
     logger.close()
     return last
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _plain_on_rank0(model: torch.nn.Module, cfg: GenConfig, num_classes: int, shape: tuple[int, ...],
+                    device: torch.device) -> torch.nn.Module | None:
+    """`model` as one plain module on rank 0 (None elsewhere), for drawing sample grids.
 
-    def __exit__(self, *exc):
-        return False
+    A plain or DDP-replicated module is returned as it is; an FSDP2-sharded one is gathered (a collective: every
+    rank calls this) into a fresh unsharded copy, since a sharded forward would need every rank to take part.
+    """
+    if not hasattr(next(model.parameters()), "full_tensor"):
+        return model if dist.is_main() else None
+    state = full_state_dict(model)
+    if not dist.is_main():
+        return None
+    plain = build_model(cfg, num_classes, shape).to(device)
+    plain.load_state_dict(state)
+    return plain
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@
 - "none": the model as it is (each rank trains alone).
 
 In a single process every strategy returns the model unchanged: there is nothing to average or shard.
-`unwrap` and `full_state_dict` give the plain module and a full CPU state dict back for EMA and checkpoints.
+`unwrap` and `full_state_dict` give the plain module and a full CPU state dict back for EMA and checkpoints;
+`full_optimizer_state_dict` does the same for the optimiser, in one layout (keyed by parameter name) whatever the
+strategy, so a checkpoint written under one strategy resumes under another.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from torch import nn
 
 from drifting.train.dist import world_size
 
-__all__ = ["STRATEGIES", "full_state_dict", "load_full_state_dict", "unwrap", "wrap_model"]
+__all__ = [
+    "STRATEGIES", "full_optimizer_state_dict", "full_state_dict", "load_full_optimizer_state_dict",
+    "load_full_state_dict", "set_gradient_sync", "unwrap", "wrap_model",
+]
 
 STRATEGIES = ("ddp", "fsdp", "none")
 
@@ -98,6 +103,49 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Any], *, strict: boo
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
     else:
         model.load_state_dict(state, strict=strict)
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's complete state on CPU, keyed by parameter name (torch.distributed.checkpoint's layout).
+
+    A collective under FSDP2 (every rank calls it; rank 0 receives the gathered state). Works the same for a plain
+    or DDP model, so checkpoints do not depend on the strategy that wrote them.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unwrap(model), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load `full_optimizer_state_dict`'s output; under FSDP2 every rank passes it whole and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def set_gradient_sync(model: nn.Module, sync: bool):
+    """A context for one backward of gradient accumulation: with sync=False, gradients stay local (no all-reduce or
+    reduce-scatter) and add up until a backward with sync=True. DDP: `no_sync`; FSDP2: `set_requires_gradient_sync`.
+    """
+    import contextlib
+
+    if sync or world_size() == 1:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    inner = unwrap(model)
+    if _is_fsdp(inner):
+        @contextlib.contextmanager
+        def unsynced():
+            inner.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                inner.set_requires_gradient_sync(True)
+
+        return unsynced()
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- internals
