@@ -64,11 +64,27 @@ def _train_mae(args: argparse.Namespace) -> int:
     return _run_training(args, MAEConfig, main, "train-mae", "config.yaml, metrics.jsonl, checkpoints/, encoder.pt")
 
 
+def _train_flow(args: argparse.Namespace) -> int:
+    from drifting.train.flow import FlowConfig, main
+
+    return _run_training(args, FlowConfig, main, "train-flow", "config.yaml, metrics.jsonl, samples_*_euler{1,50}.png, "
+                                                              "checkpoints/, ema.pt")
+
+
+def _sample_flow(args: argparse.Namespace) -> int:
+    from drifting.train.flow import flow_sample_main
+
+    path = flow_sample_main(args.ema, args.out, num_per_class=args.num_per_class, steps=args.steps, seed=args.seed,
+                            batch=args.batch, device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from drifting.eval.sample import sample_main
 
     path = sample_main(args.ema, args.out, num_per_class=args.num_per_class, alpha=args.alpha, seed=args.seed,
-                       batch=args.batch, device=args.device)
+                       batch=args.batch, device=args.device, vae=args.vae, vae_scaling=args.vae_scaling)
     print(f"wrote {path}")
     return 0
 
@@ -158,7 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch", type=int, default=256)
     sample.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    sample.add_argument("--vae", help="latent generators: the local AutoencoderKL folder that decodes samples to pixels")
+    sample.add_argument("--vae-scaling", type=float, default=0.18215, help="the latent cache's scaling (meta.json)")
     sample.set_defaults(run=_sample)
+
+    flow = commands.add_parser(
+        "train-flow", help="train the flow-matching (rectified flow) baseline with the same generator network",
+        description="Train the generator network as a rectified-flow velocity net (time through the alpha "
+                    "embedding); sample grids with 1 and 50 Euler steps; exports ema.pt for `drifting sample-flow`.")
+    _add_config_arguments(flow)
+    flow.add_argument("--out", help="output folder (default runs/train-flow/<preset>); resumed when it has "
+                                    "checkpoints")
+    flow.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+    flow.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flow.set_defaults(run=_train_flow)
+
+    sflow = commands.add_parser("sample-flow", help="Euler samples of a flow baseline (its ema.pt) to .npz + grid")
+    sflow.add_argument("ema", help="the ema.pt `drifting train-flow` wrote")
+    sflow.add_argument("--steps", type=int, default=1, help="Euler steps (1: a one-step generator; e.g. 50)")
+    sflow.add_argument("--out", help="output .npz (default: beside ema.pt, samples_euler<steps>.npz)")
+    sflow.add_argument("--num-per-class", type=int, default=1000)
+    sflow.add_argument("--seed", type=int, default=0)
+    sflow.add_argument("--batch", type=int, default=256)
+    sflow.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    sflow.set_defaults(run=_sample_flow)
 
     ev = commands.add_parser(
         "eval", help="FD-<evaluator>, accuracy, IS analogue, precision/recall of samples; guidance sweeps",

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from drifting.data.datasets import to_float
-from drifting.data.latents import LatentDataset, build_latent_cache, center_crop_arr, load_latents, load_vae
+from drifting.data.latents import (
+    LatentDataset, LatentDecoder, build_latent_cache, center_crop_arr, load_latents, load_vae,
+)
 from drifting.data.synthetic import synthetic_images
 
 SIZE = 32  # images; the tiny VAE has 2 blocks, so latents are [4, 16, 16]
@@ -193,5 +195,52 @@ def test_trainer_runs_on_a_latent_cache(vae_path, tmp_path):
     main(cfg, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoints")
     assert state["step"] == 2 and state["queue"]["classes"].dtype == torch.float32
+    assert not list((tmp_path / "run").glob("samples_*.png"))  # no VAE given: no grids
     with pytest.raises(ValueError, match="data.path"):
         replace(cfg, data=DataConfig(dataset="latents"))
+    with pytest.raises(ValueError, match="data.vae"):
+        replace(cfg, data=DataConfig(dataset="mnist", vae=str(vae_path)))
+    # With the VAE, the grid is decoded to pixels: 3 rows of 8 samples of 32x32 RGB, upscaled 4x.
+    main(replace(cfg, data=replace(cfg.data, vae=str(vae_path))), tmp_path / "with_vae", progress=False)
+    grid = Image.open(tmp_path / "with_vae" / "samples_000002.png")
+    assert grid.mode == "RGB" and grid.size == (8 * SIZE * 4, 3 * SIZE * 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding generated latents
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_decoder_is_the_vae_decode_of_unscaled_latents(vae_path, tmp_path, images):
+    z = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    decode = LatentDecoder(vae_path, scaling=0.5, device="cpu", batch=2)
+    pixels = decode(z)
+    with torch.no_grad():
+        expected = load_vae(vae_path).decode(z / 0.5).sample
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, SIZE, SIZE)
+    assert torch.equal(pixels, ((expected + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    # the cache's scaling is picked up from its meta.json
+    cache = build(images, vae_path, tmp_path / "cache", scaling=0.25)
+    assert LatentDecoder.for_cache(cache, device="cpu").scaling == 0.25
+    with pytest.raises(ValueError, match="z:"):
+        decode(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="scaling"):
+        LatentDecoder(vae_path, scaling=0.0)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        LatentDecoder(tmp_path / "nope")
+
+
+def test_sample_to_npz_decodes_latent_generators(vae_path, tmp_path):
+    from drifting.eval.sample import sample_to_npz
+    from drifting.models.dit import build_generator
+
+    torch.manual_seed(0)
+    model = build_generator("DiT-tiny", in_channels=4, image_size=16, num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():  # move off the zero-output initialisation so decoded samples differ
+            p.add_(0.05 * torch.randn_like(p))
+    out = sample_to_npz(model, tmp_path / "s.npz", num_per_class=2, batch=4,
+                        decode=LatentDecoder(vae_path, device="cpu"))
+    with np.load(out) as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (6, 3, SIZE, SIZE)
+        assert f["labels"].tolist() == [0, 1, 2, 0, 1, 2]

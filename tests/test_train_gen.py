@@ -136,7 +136,8 @@ def test_every_preset_loads_and_paper_presets_need_their_data():
     from drifting.config import load_config
 
     presets = sorted(Path(__file__).resolve().parents[1].glob("configs/gen/*.yaml"))
-    assert {p.stem for p in presets} >= {"debug", "mnist", "fashion", "cifar10", "ablation", "latent_b2", "latent_l2"}
+    assert {p.stem for p in presets} >= {"debug", "mnist", "fashion", "cifar10", "ablation", "latent_b2", "latent_l2",
+                                         "pixel_b16", "pixel_l16"}
     for path in presets:
         cfg = load_config(GenConfig, path, ["data.path=/data/somewhere"])
         assert cfg.train.steps >= 1
@@ -146,6 +147,39 @@ def test_every_preset_loads_and_paper_presets_need_their_data():
         64, 64, 64, 16, 2e-4, 5000, 30000)
     with pytest.raises(ValueError, match="data.path"):
         load_config(GenConfig, presets[[p.stem for p in presets].index("ablation")])
+    for name, generator, lr in (("pixel_b16", "DiT-B/16", 2e-4), ("pixel_l16", "DiT-L/16", 4e-4)):  # Table 8, pixel
+        cfg = load_config(GenConfig, presets[[p.stem for p in presets].index(name)], ["data.path=/x"])
+        t = cfg.train
+        assert (cfg.data.dataset, cfg.data.image_size, cfg.data.augment) == ("image-folder", 256, "rrc")
+        assert (cfg.model.generator, cfg.loss.encoder, t.lr, t.steps) == (generator, "mae_pixel_640", lr, 100000)
+        assert (t.classes, t.gen_per_class, t.pos_per_class, t.uncond_per_class) == (128, 64, 128, 32)
+        with pytest.raises(ValueError, match="data.path"):
+            load_config(GenConfig, presets[[p.stem for p in presets].index(name)])
+
+
+def test_trainer_streams_an_image_folder(tmp_path):
+    """data.dataset=image-folder: images decoded on demand (threads), cropped to data.image_size; exact resume."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "imgs" / f"class{c}").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (12 + i, 10 + 2 * c, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / f"class{c}" / f"{i}.png")
+    data = DataConfig(dataset="image-folder", path=str(tmp_path / "imgs"), image_size=8, workers=2)
+    cfg = replace(with_train(TINY, classes=3, queue_per_class=4, queue_uncond=8, push_per_step=6), data=data)
+    main(with_train(cfg, steps=3), tmp_path / "straight", progress=False)
+    main(with_train(cfg, steps=2), tmp_path / "resumed", progress=False)
+    main(with_train(cfg, steps=3), tmp_path / "resumed", progress=False)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a["queue"]["classes"].dtype == torch.uint8 and a["queue"]["classes"].shape[-3:] == (3, 8, 8)
+    assert_same_model(a["model"], b["model"], exact=True)
+    with pytest.raises(ValueError, match="data.path"):
+        GenConfig(data=DataConfig(dataset="image-folder"))
+    with pytest.raises(ValueError, match="data.augment"):
+        GenConfig(data=replace(data, augment="jitter"))
 
 
 def test_an_encoder_without_weights_is_refused(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ def sample_to_npz(
     device: str | torch.device | None = None,
     classes: Sequence[int] | None = None,
     grid: bool = True,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Path:
     """Generate num_per_class samples of each class and write them to `out` (.npz) and a grid `out.with_suffix(".png")`.
 
@@ -116,6 +117,8 @@ def sample_to_npz(
         device: where the model runs (None: where its parameters are).
         classes: the classes to sample (default all, 0 .. K-1); each gets num_per_class samples.
         grid: also write the PNG grid (one row per class, at most 10 rows and 10 columns).
+        decode: for latent generators, float latents [b, C, h, w] -> uint8 pixels [b, 3, H, W] (a
+            `drifting.data.latents.LatentDecoder`); the file then holds the decoded images.
     Returns the path of the .npz (on every rank).
     """
     num_classes = int(model.num_classes)
@@ -138,15 +141,17 @@ def sample_to_npz(
     labels = torch.tensor(classes)[torch.arange(total) % len(classes)]  # (N,) interleaved: balanced prefixes
     rank, world = dist.rank(), dist.world_size()
     lo, hi = total * rank // world, total * (rank + 1) // world  # this rank's slice
-    local = torch.empty(hi - lo, *model.noise_shape, dtype=torch.uint8)
-    for start in range(lo, hi, batch):
-        stop = min(start + batch, hi)
+    def images_of(start: int, stop: int) -> Tensor:  # uint8 [stop - start, C, H, W]
         noise, style = _draw(model, start, stop, seed, device)
         y = labels[start:stop].to(device)
         x = model(noise, y, torch.full((stop - start,), float(alpha), device=device), style).float()  # (b, C, H, W)
         if not bool(torch.isfinite(x).all()):
             raise FloatingPointError(f"the generator produced NaN or inf for samples {start}..{stop - 1}")
-        local[start - lo : stop - lo] = to_uint8(x).cpu()  # rounds, clips to [-1, 1]
+        return decode(x).cpu() if decode is not None else to_uint8(x).cpu()  # rounds, clips to [-1, 1]
+
+    parts = [images_of(start, min(start + batch, hi)) for start in range(lo, hi, batch)]
+    # A rank without samples (more ranks than samples) still takes part in the gather, with the right row shape.
+    local = torch.cat(parts) if parts else images_of(0, 1)[:0]
     images = _gather(local, total)
 
     if dist.is_main():
@@ -201,16 +206,25 @@ def sample_main(
     seed: int = 0,
     batch: int = 256,
     device: str | None = None,
+    vae: str | None = None,
+    vae_scaling: float = 0.18215,
 ) -> Path:
     """`drifting sample`: samples of an exported generator (`ema.pt`) to `out` (default <ema dir>/samples_a<alpha>.npz).
 
-    Single process, or N processes under torchrun (each on its own GPU; rank 0 writes).
+    Single process, or N processes under torchrun (each on its own GPU; rank 0 writes). `vae`: for a latent
+    generator, the AutoencoderKL folder that decodes its samples (scaled by `vae_scaling`, as the cache) to pixels.
     """
     dev = dist.init_distributed()
     try:
         model = load_generator(ema, device=device or dev)
+        decode = None
+        if vae is not None:
+            from drifting.data.latents import LatentDecoder
+
+            decode = LatentDecoder(vae, scaling=vae_scaling, device=next(model.parameters()).device)
         out = out or str(Path(ema).parent / f"samples_a{alpha:g}.npz")
-        path = sample_to_npz(model, out, num_per_class=num_per_class, alpha=alpha, seed=seed, batch=batch)
+        path = sample_to_npz(model, out, num_per_class=num_per_class, alpha=alpha, seed=seed, batch=batch,
+                             decode=decode)
         dist.print0(f"wrote {path} ({num_per_class * model.num_classes} samples, alpha {alpha:g}) and "
                     f"{path.with_suffix('.png')}")
         return path

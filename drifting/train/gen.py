@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from drifting.config import config_to_dict, save_config
 from drifting.data.datasets import DATASETS, load_dataset, to_float
+from drifting.data.image_stream import ImageFolderStream
 from drifting.data.latents import load_latents
 from drifting.data.queue import SampleQueue
 from drifting.data.synthetic import synthetic_images
@@ -52,11 +53,22 @@ from drifting.train.schedule import lr_at
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | mnist | fashion-mnist | cifar10 | latents (a cache, see data/latents.py)
-    path: str | None = None  # the dataset file or folder (default: the registry's search path; required for latents)
+    # synthetic | mnist | fashion-mnist | cifar10 (held in memory) | latents (a cache, see data/latents.py) |
+    # image-folder (root/<class>/<image>, decoded on demand: ImageNet pixels, see data/image_stream.py)
+    dataset: str = "synthetic"
+    path: str | None = None  # the dataset file or folder (default: the registry's search path; required for
+    # latents and image-folder)
     synthetic_classes: int = 4  # the synthetic set: classes, images per class, size
     synthetic_per_class: int = 256
     synthetic_size: int = 8
+    # latents only: a local AutoencoderKL folder to decode the sample grids to pixels (with the cache's scaling);
+    # None draws no grids for latent runs
+    vae: str | None = None
+    # image-folder only: crop size, augmentation ("rrc": RandomResizedCrop(0.2-1) + flip as the authors' pixel
+    # configs; "center": ADM center crop + flip) and decoding threads
+    image_size: int = 256
+    augment: Literal["rrc", "center"] = "rrc"
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,12 +146,19 @@ class GenConfig:
 
     def __post_init__(self) -> None:
         t = self.train
-        if self.data.dataset not in ("synthetic", "latents") and self.data.dataset not in DATASETS:
-            raise ValueError(f"data.dataset: expected 'synthetic', 'latents' or one of {sorted(DATASETS)}, got "
-                             f"{self.data.dataset!r}")
+        if self.data.dataset not in ("synthetic", "latents", "image-folder") and self.data.dataset not in DATASETS:
+            raise ValueError(f"data.dataset: expected 'synthetic', 'latents', 'image-folder' or one of "
+                             f"{sorted(DATASETS)}, got {self.data.dataset!r}")
         if self.data.dataset == "latents" and self.data.path is None:
             raise ValueError("data.path: the latent cache folder is required with data.dataset=latents "
                              "(build it with `python -m drifting.data.latents IMAGES VAE OUT`)")
+        if self.data.dataset == "image-folder" and self.data.path is None:
+            raise ValueError("data.path: the image folder (root/<class>/<images>) is required with "
+                             "data.dataset=image-folder")
+        if self.data.augment not in ("rrc", "center"):
+            raise ValueError(f"data.augment: expected 'rrc' or 'center', got {self.data.augment!r}")
+        if self.data.vae is not None and self.data.dataset != "latents":
+            raise ValueError(f"data.vae: decodes latent samples; data.dataset is {self.data.dataset!r}, not 'latents'")
         if self.model.generator not in GENERATORS:
             raise ValueError(f"model.generator: expected one of {sorted(GENERATORS)}, got {self.model.generator!r}")
         if self.loss.encoder is not None and self.loss.encoder not in resnet_maes:
@@ -176,10 +195,14 @@ class TrainingData(NamedTuple):
 
 
 def load_training_data(cfg: DataConfig) -> TrainingData:
-    """Images (uint8 [N, C, H, W], held in memory) or a latent cache (float, memory-mapped shards)."""
+    """Images (uint8 [N, C, H, W], held in memory, or decoded on demand from a folder) or a latent cache (float,
+    memory-mapped shards)."""
     if cfg.dataset == "latents":
         latents, labels = load_latents(cfg.path)
         return TrainingData(latents.sample, labels, latents.num_classes, tuple(latents.shape), torch.float32)
+    if cfg.dataset == "image-folder":
+        stream = ImageFolderStream(cfg.path, cfg.image_size, augment=cfg.augment, workers=cfg.workers)
+        return TrainingData(stream.sample, stream.labels, stream.num_classes, stream.shape, torch.uint8)
     if cfg.dataset == "synthetic":
         images, labels = synthetic_images(cfg.synthetic_classes, cfg.synthetic_per_class, cfg.synthetic_size)
     else:
@@ -297,6 +320,12 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         save_config(cfg, run_dir / "config.yaml")
     if t.compile:
         train_model = torch.compile(train_model)
+    # Latent runs draw their grids through the VAE decoder (loaded now, so a wrong path fails before training).
+    decode = None
+    if cfg.data.vae is not None and dist.is_main():
+        from drifting.data.latents import LatentDecoder
+
+        decode = LatentDecoder.for_cache(cfg.data.path, cfg.data.vae, device=device)
     logger = RunLogger(run_dir, enabled=dist.is_main())
     meter = Throughput()
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.model.bf16 and device.type == "cuda")
@@ -372,11 +401,12 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     last[f"drift_rms_{tau}/{key}"] = math.sqrt(ms)
             logger.log(step_done, last)
         if (t.sample_every and step_done % t.sample_every == 0) or step_done == t.steps:
-            if data.storage == torch.uint8:  # latents would need the VAE decoder: not drawn
+            if data.storage == torch.uint8 or cfg.data.vae is not None:  # latents are drawn through the VAE
                 sampler = _plain_on_rank0(emas[max(t.ema_decays)] if t.ema_decays else model, cfg, num_classes,
                                           shape, device)
                 if sampler is not None:
-                    save_grid(sampler, num_classes, run_dir / f"samples_{step_done:06d}.png", seed=t.seed)
+                    save_grid(sampler, num_classes, run_dir / f"samples_{step_done:06d}.png", seed=t.seed,
+                              decode=decode)
         if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
             # Full (unsharded) states on CPU; collectives under FSDP2, so every rank gathers and rank 0 writes.
             state = {"model": full_state_dict(model), "ema": {str(d): full_state_dict(e) for d, e in emas.items()},
@@ -414,8 +444,11 @@ def _plain_on_rank0(model: torch.nn.Module, cfg: GenConfig, num_classes: int, sh
 
 @torch.no_grad()
 def save_grid(model: torch.nn.Module, num_classes: int, path: Path, *, seed: int, per_class: int = 8,
-              alpha: float = 1.0) -> None:
-    """A grid of one-step samples: one row per class (at most 10 rows), fixed noise, as a PNG."""
+              alpha: float = 1.0, decode: Callable[[Tensor], Tensor] | None = None) -> None:
+    """A grid of one-step samples: one row per class (at most 10 rows), fixed noise, as a PNG.
+
+    decode: latents -> uint8 pixels (a `LatentDecoder`) for latent generators; images are drawn as they are.
+    """
     from PIL import Image
 
     from drifting.data.datasets import to_uint8
@@ -426,7 +459,7 @@ def save_grid(model: torch.nn.Module, num_classes: int, path: Path, *, seed: int
     noise, style = draw_inputs(model, len(labels), generator=torch.Generator().manual_seed(seed), device=device)
     model.eval()
     x = model(noise, labels.to(device), torch.full((len(labels),), alpha, device=device), style).float()
-    img = to_uint8(x.clamp(-1, 1)).cpu()  # [N, C, H, W]
+    img = (decode(x) if decode is not None else to_uint8(x.clamp(-1, 1))).cpu()  # uint8 [N, C, H, W]
     n, c, h, w = img.shape
     grid = img.reshape(rows, per_class, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, per_class * w, c)
     scale = max(1, 128 // h)
