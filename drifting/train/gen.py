@@ -31,6 +31,7 @@ from drifting.config import config_to_dict, save_config
 from drifting.data.datasets import DATASETS, load_dataset, to_float
 from drifting.data.image_stream import ImageFolderStream
 from drifting.data.latents import load_latents
+from drifting.data.prefetch import prefetch
 from drifting.data.queue import SampleQueue
 from drifting.data.synthetic import synthetic_images
 from drifting.drift import all_reduce_sum
@@ -125,6 +126,7 @@ class TrainConfig:
     queue_uncond: int = 1000
     push_per_step: int = 64
     prefill: bool = True  # fill the queues before step 0 (the authors' start empty: positives repeat for ~2k steps)
+    prefetch: int = 2  # steps of real samples read ahead in a background thread (0: inline)
     # "ddp": every process holds the whole generator. "fsdp": FSDP2 shards the generator, its EMA copies and the
     # optimiser state per transformer block (for generators that do not fit once per GPU, e.g. L/2 at large batch).
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -166,6 +168,8 @@ class GenConfig:
         for name in ("steps", "classes", "gen_per_class", "pos_per_class", "push_per_step", "log_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
+        if t.prefetch < 0:
+            raise ValueError(f"train.prefetch: expected an integer >= 0, got {t.prefetch}")
         if t.uncond_per_class < 0:
             raise ValueError(f"train.uncond_per_class: expected >= 0, got {t.uncond_per_class}")
         if t.class_chunk is not None and t.class_chunk < 1:
@@ -332,15 +336,23 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     reduce = all_reduce_sum() if world > 1 else None
     last: dict = {}
 
+    def real_samples(step: int) -> tuple[Tensor, Tensor]:
+        """The real samples step `step` pushes into the queues: a pure function of (seed, step)."""
+        g_push = step_generator(t.seed, step, 0)
+        idx = torch.randint(len(labels), (t.push_per_step,), generator=g_push)
+        return data.sample(idx, g_push), labels[idx]
+
+    # The next steps' real samples are decoded / read in a background thread while this step computes.
+    pushes = prefetch(real_samples, range(start, t.steps), depth=t.prefetch)
     for step in tqdm(range(start, t.steps), desc="train", disable=not (progress and dist.is_main()),
                      initial=start, total=t.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, peak=t.lr, warmup_steps=t.warmup_steps)
         # 1. Push real samples; choose classes and guidance; draw queue samples and noise for the global batch.
-        g_push, g_step = step_generator(t.seed, step, 0), step_generator(t.seed, step, 1)
-        idx = torch.randint(len(labels), (t.push_per_step,), generator=g_push)
-        queue.push(data.sample(idx, g_push).to(device), labels[idx].to(device))
+        x_push, y_push = next(pushes)
+        queue.push(x_push.to(device, non_blocking=True), y_push.to(device))
+        g_step = step_generator(t.seed, step, 1)
         classes = torch.randperm(num_classes, generator=g_step)[: t.classes]
         alpha = sample_alpha(t.classes, power=cfg.guidance.power, alpha_min=cfg.guidance.alpha_min,
                              alpha_max=cfg.guidance.alpha_max, no_guidance_frac=cfg.guidance.no_guidance_frac,
@@ -415,6 +427,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             if dist.is_main():
                 save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", state, keep_last=t.keep_checkpoints)
             dist.barrier()
+    pushes.close()
     if t.ema_decays:
         ema_state = full_state_dict(emas[max(t.ema_decays)])
         if dist.is_main():
