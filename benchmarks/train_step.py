@@ -1,0 +1,277 @@
+"""One generator training step of a preset, timed whole and by phase: samples/s, MFU, peak memory, time split.
+
+    python benchmarks/train_step.py                                  # the ablation step (issue 10) on one GPU
+    python benchmarks/train_step.py --out one.json
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node=4 benchmarks/train_step.py --baseline one.json --out four.json
+    python benchmarks/train_step.py --preset configs/gen/debug.yaml --device cpu --iters 2   # smoke test, seconds
+
+The step is the trainer's (drifting/train/gen.py), on random data of the preset's shape held in the queues (the
+benchmark needs no dataset): push real samples, draw classes, alpha, positives, unconditional samples and noise;
+generate; FeatureDriftLoss (encoders on real and generated samples, the drifting loss per key); backward; clip;
+AdamW; EMA. With --class-chunk the classes of each process run in chunks with gradient accumulation, the global
+statistics first, exactly as the trainer does.
+
+Two measurements:
+- whole steps, no synchronisation inside: ms per step and samples/s (generated samples, all processes);
+- the same steps with a CUDA synchronisation between phases, for the split: data (queue push and draws), generator
+  forward, encoders forward (timed alone on the same inputs), drifting loss (the loss call minus the encoders'
+  forward), backward (encoder and generator), optimiser (clip, AdamW, EMA).
+MFU counts, as issue 10 asks: generator forward + backward, encoder forward on the real samples, encoder forward +
+backward on the generated samples (torch.utils.flop_counter, matmuls and convolutions), against the card's dense bf16
+peak (H100/H200 SXM: 989 TFLOP/s; --peak-tflops for other cards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from drifting.config import load_config
+from drifting.data.queue import SampleQueue
+from drifting.drift import all_reduce_sum
+from drifting.feature_loss import ClassBatch
+from drifting.guidance import guidance_weight, sample_alpha
+from drifting.models.dit import GENERATORS
+from drifting.models.generate import draw_inputs
+from drifting.train import dist
+from drifting.train.ema import ema_copy, ema_update
+from drifting.train.gen import GenConfig, build_loss, build_model, step_generator
+from drifting.train.parallel import set_gradient_sync, wrap_model
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=str(REPO / "configs/gen/ablation.yaml"))
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.classes=32 model.bf16=false")
+    p.add_argument("--class-chunk", type=int, help="classes per gradient-accumulation chunk on each process")
+    p.add_argument("--device", help="cpu or cuda (default: this process's GPU when there is one)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: known H100/H200/A100)")
+    p.add_argument("--baseline", help="the JSON of a 1-GPU run: report the scaling efficiency against it")
+    p.add_argument("--out", help="write the results as JSON")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    device = dist.init_distributed()
+    if args.device:
+        device = torch.device(args.device)
+    rank, world = dist.rank(), dist.world_size()
+    cuda = device.type == "cuda"
+    overrides = list(args.overrides)
+    base = load_config(GenConfig, args.preset, [*overrides, "data.path=unused"])
+    if base.loss.encoder is not None and base.loss.encoder_weights is None:
+        overrides.append("loss.encoder_weights=random")  # the weights do not change the cost
+    if args.class_chunk:
+        overrides.append(f"train.class_chunk={args.class_chunk}")
+    cfg = load_config(GenConfig, args.preset, [*overrides, "data.path=unused"])
+    t = cfg.train
+    preset = GENERATORS[cfg.model.generator]
+    shape = (preset.in_channels, preset.image_size, preset.image_size)
+    num_classes = preset.num_classes
+    local = t.classes // world
+    chunk = t.class_chunk or local
+    if t.classes % world or local % chunk:
+        raise SystemExit(f"train.classes={t.classes} must split over {world} processes into chunks of {chunk}")
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, num_classes, shape).to(device)
+    ema = ema_copy(model)
+    train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    loss_fn = build_loss(cfg.loss, shape, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    # Random "real" samples of the right shape fill the queues (float latents; pixels are stored as uint8).
+    pixels = cfg.data.dataset not in ("latents",)
+    storage = torch.uint8 if pixels else torch.float32
+    queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
+                        dtype=storage, device=device)
+    g0 = torch.Generator().manual_seed(0)
+
+    def random_real(n: int) -> torch.Tensor:
+        if pixels:
+            return torch.randint(0, 256, (n, *shape), generator=g0, dtype=torch.uint8)
+        return torch.randn(n, *shape, generator=g0)
+
+    def to_model(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 127.5 - 1 if pixels else x.float()
+
+    for c0 in range(0, num_classes, 64):  # fill every class ring once
+        labels = torch.arange(c0, min(c0 + 64, num_classes)).repeat_interleave(t.queue_per_class)
+        queue.push(random_real(len(labels)).to(device), labels.to(device))
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda and cfg.model.bf16 else nullcontext()
+    reduce = all_reduce_sum() if world > 1 else None
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(step_index: int, times: dict | None = None) -> None:
+        """The trainer's step; with `times`, synchronise and record each phase's seconds."""
+        clock = [time.perf_counter()]
+
+        def mark(name: str) -> None:
+            if times is not None:
+                sync()
+                now = time.perf_counter()
+                times[name] = times.get(name, 0.0) + now - clock[0]
+                clock[0] = now
+
+        g_push, g_step = step_generator(t.seed, step_index, 0), step_generator(t.seed, step_index, 1)
+        idx = torch.randint(num_classes, (t.push_per_step,), generator=g_push)
+        queue.push(random_real(t.push_per_step).to(device, non_blocking=True), idx.to(device))
+        classes = torch.randperm(num_classes, generator=g_step)[: t.classes]
+        alpha = sample_alpha(t.classes, power=cfg.guidance.power, alpha_min=cfg.guidance.alpha_min,
+                             alpha_max=cfg.guidance.alpha_max, no_guidance_frac=cfg.guidance.no_guidance_frac,
+                             generator=g_step)
+        w = guidance_weight(alpha, t.gen_per_class, t.uncond_per_class)
+        pos = queue.sample_positive(classes.to(device), t.pos_per_class, g_step)
+        neg = queue.sample_unconditional(t.classes, t.uncond_per_class, g_step) if t.uncond_per_class else None
+        noise, style = draw_inputs(model, t.classes * t.gen_per_class, generator=g_step, device=device)
+        mark("data")
+
+        def chunk_inputs(k: int):
+            c = slice(rank * local + k * chunk, rank * local + (k + 1) * chunk)
+            s = slice(c.start * t.gen_per_class, c.stop * t.gen_per_class)
+            cls = classes[c].to(device).repeat_interleave(t.gen_per_class)
+            a = alpha[c].to(device).repeat_interleave(t.gen_per_class)
+            real_neg = to_model(neg[c].flatten(0, 1)) if neg is not None else None
+            return (noise[s], cls, a, None if style is None else style[s]), to_model(pos[c].flatten(0, 1)), \
+                real_neg, w[c].to(device)
+
+        def generate(inputs):
+            with autocast:
+                return train_model(*inputs).float()
+
+        n_chunks = local // chunk
+        stats = None
+        if n_chunks > 1:
+            with torch.no_grad():
+                batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
+                stats = loss_fn.stats(batches, all_reduce=reduce)
+            mark("statistics pass")
+        opt.zero_grad(set_to_none=True)
+        for k in range(n_chunks):
+            inputs, p, n, wk = chunk_inputs(k)
+            with set_gradient_sync(train_model, k == n_chunks - 1):
+                x = generate(inputs)
+                mark("generator forward")
+                loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
+                mark("loss call")
+                (loss * world).backward()
+                mark("backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        ema_update({0.999: ema}, model, {0.999: 0.999})
+        mark("optimiser")
+
+    # Whole steps.
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.iters):
+        step(args.warmup + i)
+    sync()
+    step_s = (time.perf_counter() - t0) / args.iters
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+    # The split, with synchronisation between phases.
+    times: dict[str, float] = {}
+    for i in range(args.iters):
+        step(10_000 + i, times)
+    split = {k: v / args.iters for k, v in times.items()}
+    # The encoders' forward on the same inputs as one chunk's loss call, alone.
+    inputs_real = torch.randn(chunk * (t.pos_per_class + t.uncond_per_class), *shape, device=device)
+    inputs_gen = torch.randn(chunk * t.gen_per_class, *shape, device=device, requires_grad=True)
+
+    def encoders_forward(x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for e in loss_fn.encoders:
+            outs += list((e.feature_sets(x) if hasattr(e, "feature_sets") else e.taps(x)).values())
+        return outs
+
+    enc_s = 0.0
+    if loss_fn.encoders:
+        for i in range(args.iters + 1):
+            sync()
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                encoders_forward(inputs_real)
+            encoders_forward(inputs_gen)
+            sync()
+            if i:  # the first is a warm-up
+                enc_s += time.perf_counter() - t1
+        enc_s = enc_s / args.iters * (local // chunk)
+    split["encoders forward"] = enc_s
+    split["drifting loss"] = split.pop("loss call") - enc_s
+
+    # FLOPs of one process's step (issue 10's count), at the local batch.
+    flops = {}
+    with FlopCounterMode(display=False) as counter:
+        inputs = generator_inputs(model, chunk * t.gen_per_class, device)
+        with autocast:
+            out = model(*inputs).float()
+        out.square().mean().backward()
+    flops["generator fwd+bwd"] = counter.get_total_flops() * (local // chunk)
+    opt.zero_grad(set_to_none=True)
+    if loss_fn.encoders:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoders_forward(inputs_real)
+        flops["encoder fwd (real)"] = counter.get_total_flops() * (local // chunk)
+        with FlopCounterMode(display=False) as counter:
+            sum(o.float().square().mean() for o in encoders_forward(inputs_gen)).backward()
+        flops["encoder fwd+bwd (generated)"] = counter.get_total_flops() * (local // chunk)
+    total_flops = sum(flops.values())
+    card = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in card), float("nan"))
+    mfu = total_flops / step_s / (peak * 1e12)
+    samples_per_s = t.classes * t.gen_per_class / step_s
+    result = {
+        "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
+        "compile": args.compile, "classes": t.classes, "class_chunk": chunk, "gen_per_class": t.gen_per_class,
+        "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
+        "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,
+        "split_ms": {k: 1e3 * v for k, v in split.items()},
+    }
+    if args.baseline:
+        one = json.loads(Path(args.baseline).read_text())
+        result["scaling_efficiency"] = samples_per_s / (world * one["samples_per_s"])
+    if dist.is_main():
+        print(f"{card}, {world} process(es), {cfg.model.generator}, {t.classes} classes x {t.gen_per_class} "
+              f"generated (chunks of {chunk} per process)")
+        print(f"step {1e3 * step_s:.1f} ms, {samples_per_s:.0f} samples/s, peak {peak_gib:.2f} GiB, "
+              f"{total_flops / 1e12:.2f} TFLOP/step/process, MFU {100 * mfu:.1f}%"
+              + (f", scaling efficiency {100 * result['scaling_efficiency']:.1f}%" if args.baseline else ""))
+        synced = sum(split.values())
+        print(f"{'phase':<28} {'ms':>9} {'share':>7}   (synchronised steps: {1e3 * synced:.1f} ms)")
+        for k, v in split.items():
+            print(f"{k:<28} {1e3 * v:>9.1f} {100 * v / synced:>6.1f}%")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    dist.cleanup()
+
+
+def generator_inputs(model, n: int, device) -> tuple:
+    """Inputs of n generated samples (random: the FLOPs do not depend on the values)."""
+    noise, style = draw_inputs(model, n, generator=torch.Generator().manual_seed(1), device=device)
+    return noise, torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, device=device), style
+
+
+if __name__ == "__main__":
+    main()
