@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a one-step generator (default: a tiny DiT on a synthetic image set, seconds on a CPU)",
         description="Train a class-conditional one-step generator with the drifting loss. Runs on a CPU, one GPU, or "
-                    "N GPUs under torchrun (DDP); resumes from the output folder's last checkpoint.")
+                    "N GPUs under torchrun (DDP, or FSDP2 with train.strategy=fsdp); resumes from the output folder's last checkpoint.")
     _add_config_arguments(train)
     train.add_argument("--out", help="output folder (default runs/train/<preset>); resumed when it has checkpoints")
     train.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")

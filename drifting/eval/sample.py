@@ -36,8 +36,13 @@ __all__ = ["RNG_BLOCK", "load_generator", "sample_to_npz", "save_image_grid", "s
 RNG_BLOCK = 64  # samples per noise block: the unit of reproducibility (see the module docstring)
 
 
-def load_generator(ema_file: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the generator from the config stored in an exported `ema.pt` and load its weights (eval, frozen)."""
+def load_generator(ema_file: str | os.PathLike, device: str | torch.device = "cpu", *, kind: str = "drifting"
+                   ) -> nn.Module:
+    """Rebuild the generator from the config stored in an exported `ema.pt` and load its weights (eval, frozen).
+
+    kind: what the export must hold (its meta.kind, "drifting" when absent): "drifting" for one-step generators,
+    "flow" for the flow-matching baseline's network (`drifting.train.flow.load_velocity_net` asks for it).
+    """
     # gen.py is imported here, not at the top: it pulls in the whole trainer, which sampling from a model needs not.
     from drifting.train.gen import GenConfig, ModelConfig, build_model
 
@@ -49,6 +54,9 @@ def load_generator(ema_file: str | os.PathLike, device: str | torch.device = "cp
         raise ValueError(f"{ema_file} is not an exported generator (expected keys model, config, meta; got "
                          f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
     meta, tree = state["meta"], state["config"]
+    if meta.get("kind", "drifting") != kind:  # e.g. the flow-matching baseline's velocity network
+        raise ValueError(f"{ema_file} holds a {meta.get('kind', 'drifting')!r} model, expected {kind!r}"
+                         + (" (sample flow models with drifting sample-flow)" if kind == "drifting" else ""))
     if "num_classes" not in meta or "shape" not in meta or "model" not in tree:
         raise ValueError(f"{ema_file}: the export lacks meta.num_classes, meta.shape or config.model")
     try:
