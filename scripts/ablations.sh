@@ -28,10 +28,11 @@ antisymmetry() {  # Table 1: V+ - V- against scaled attraction or repulsion, and
   run as_rep2 "${with_encoder[@]}" loss.repulsion=2.0
   run as_att_only "${with_encoder[@]}" loss.repulsion=0.0
 }
-allocation() {  # Table 2: N_pos at a fixed generated batch (N_c * C_g = 640), then N_neg against N_c
+allocation() {  # Table 2: N_pos per class, then N_c against N_neg = C_g at a fixed generated batch N_c * C_g = 640
   for p in 1 16 32 64; do run pos$p "${with_encoder[@]}" train.pos_per_class=$p; done
-  run neg_c20_g32 "${with_encoder[@]}" train.classes=10 train.gen_per_class=64  # the preset (10 classes x 64)
-  run neg_c5_g128 "${with_encoder[@]}" train.classes=5 train.gen_per_class=128
+  run alloc_c10_g64 "${with_encoder[@]}" train.classes=10 train.gen_per_class=64  # the preset
+  run alloc_c5_g128 "${with_encoder[@]}" train.classes=5 train.gen_per_class=128
+  run alloc_c2_g320 "${with_encoder[@]}" train.classes=2 train.gen_per_class=320
 }
 encoder() {  # Table 3: no feature encoder (raw pixels only), the small MAE, a wider MAE (ENCODER_WIDE, optional)
   run enc_none
