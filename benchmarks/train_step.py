@@ -132,13 +132,13 @@ def main() -> None:
 
         g_push, g_step = step_generator(t.seed, step_index, 0), step_generator(t.seed, step_index, 1)
         idx = torch.randint(num_classes, (t.push_per_step,), generator=g_push)
-        queue.push(random_real(t.push_per_step).to(device, non_blocking=True), idx.to(device))
+        queue.push(random_real(t.push_per_step).to(device, non_blocking=True), idx)
         classes = torch.randperm(num_classes, generator=g_step)[: t.classes]
         alpha = sample_alpha(t.classes, power=cfg.guidance.power, alpha_min=cfg.guidance.alpha_min,
                              alpha_max=cfg.guidance.alpha_max, no_guidance_frac=cfg.guidance.no_guidance_frac,
                              generator=g_step)
         w = guidance_weight(alpha, t.gen_per_class, t.uncond_per_class)
-        pos = queue.sample_positive(classes.to(device), t.pos_per_class, g_step)
+        pos = queue.sample_positive(classes, t.pos_per_class, g_step)
         neg = queue.sample_unconditional(t.classes, t.uncond_per_class, g_step) if t.uncond_per_class else None
         noise, style = draw_inputs(model, t.classes * t.gen_per_class, generator=g_step, device=device)
         mark("data")

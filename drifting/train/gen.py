@@ -351,14 +351,15 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             group["lr"] = lr_at(step, peak=t.lr, warmup_steps=t.warmup_steps)
         # 1. Push real samples; choose classes and guidance; draw queue samples and noise for the global batch.
         x_push, y_push = next(pushes)
-        queue.push(x_push.to(device, non_blocking=True), y_push.to(device))
+        # Labels stay on the CPU, where the queue keeps its bookkeeping: no device-to-host copy, no synchronisation.
+        queue.push(x_push.to(device, non_blocking=True), y_push)
         g_step = step_generator(t.seed, step, 1)
         classes = torch.randperm(num_classes, generator=g_step)[: t.classes]
         alpha = sample_alpha(t.classes, power=cfg.guidance.power, alpha_min=cfg.guidance.alpha_min,
                              alpha_max=cfg.guidance.alpha_max, no_guidance_frac=cfg.guidance.no_guidance_frac,
                              generator=g_step)
         w = guidance_weight(alpha, t.gen_per_class, t.uncond_per_class)
-        pos = queue.sample_positive(classes.to(device), t.pos_per_class, g_step)
+        pos = queue.sample_positive(classes, t.pos_per_class, g_step)
         neg = queue.sample_unconditional(t.classes, t.uncond_per_class, g_step) if t.uncond_per_class else None
         noise, style = draw_inputs(model, t.classes * t.gen_per_class, generator=g_step, device=device)
 
@@ -386,14 +387,14 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     batches.append(ClassBatch(generate(inputs), p, n, wk))
                 stats = loss_fn.stats(batches, all_reduce=reduce)
         opt.zero_grad(set_to_none=True)
-        total, info = 0.0, {}
+        total, info = None, {}
         for k in range(n_chunks):
             inputs, p, n, wk = chunk_inputs(k)
             with set_gradient_sync(train_model, k == n_chunks - 1):  # reduce gradients once, after the last chunk
                 loss, info = loss_fn(generate(inputs), p, n, wk, stats=stats,
                                      all_reduce=reduce if stats is None else None)
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()  # read only when logged
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
             grad_norm = grad_norm.full_tensor()
@@ -405,7 +406,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
 
         # 3. Log, sample, checkpoint.
         if step_done % t.log_every == 0 or step_done == t.steps:
-            last = {"loss": total, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+            last = {"loss": float(total), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                     "samples_per_s": meter.rate(), "step_ms": 1e3 * (time.perf_counter() - t0)}
             for key, v in info.items():  # scale and drift RMS per temperature show progress; the loss is ~constant
                 last[f"scale/{key}"] = float(v["scale"])
