@@ -161,7 +161,8 @@ def main() -> None:
         if n_chunks > 1:
             with torch.no_grad():
                 batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
-                stats = loss_fn.stats(batches, all_reduce=reduce)
+                with autocast:
+                    stats = loss_fn.stats(batches, all_reduce=reduce)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):
@@ -169,7 +170,8 @@ def main() -> None:
             with set_gradient_sync(train_model, k == n_chunks - 1):
                 x = generate(inputs)
                 mark("generator forward")
-                loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
+                with autocast:
+                    loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
                 mark("loss call")
                 (loss * world).backward()
                 mark("backward")
@@ -211,9 +213,10 @@ def main() -> None:
         for i in range(args.iters + 1):
             sync()
             t1 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 encoders_forward(inputs_real)
-            encoders_forward(inputs_gen)
+            with autocast:
+                encoders_forward(inputs_gen)
             sync()
             if i:  # the first is a warm-up
                 enc_s += time.perf_counter() - t1
@@ -231,11 +234,13 @@ def main() -> None:
     flops["generator fwd+bwd"] = counter.get_total_flops() * (local // chunk)
     opt.zero_grad(set_to_none=True)
     if loss_fn.encoders:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
             encoders_forward(inputs_real)
         flops["encoder fwd (real)"] = counter.get_total_flops() * (local // chunk)
         with FlopCounterMode(display=False) as counter:
-            sum(o.float().square().mean() for o in encoders_forward(inputs_gen)).backward()
+            with autocast:
+                outs = encoders_forward(inputs_gen)
+            sum(o.float().square().mean() for o in outs).backward()
         flops["encoder fwd+bwd (generated)"] = counter.get_total_flops() * (local // chunk)
     total_flops = sum(flops.values())
     card = torch.cuda.get_device_name(device) if cuda else "cpu"

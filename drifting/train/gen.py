@@ -385,14 +385,18 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 for k in range(n_chunks):
                     inputs, p, n, wk = chunk_inputs(k)
                     batches.append(ClassBatch(generate(inputs), p, n, wk))
-                stats = loss_fn.stats(batches, all_reduce=reduce)
+                with autocast:
+                    stats = loss_fn.stats(batches, all_reduce=reduce)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
             inputs, p, n, wk = chunk_inputs(k)
             with set_gradient_sync(train_model, k == n_chunks - 1):  # reduce gradients once, after the last chunk
-                loss, info = loss_fn(generate(inputs), p, n, wk, stats=stats,
-                                     all_reduce=reduce if stats is None else None)
+                x = generate(inputs)
+                # The encoders run under the same autocast as the generator (the authors' MAE runs in bf16; the
+                # ConvNeXt adapter keeps fp32 itself); the drifting math inside the loss is fp32 whatever the keys.
+                with autocast:
+                    loss, info = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
             total = loss.detach() if total is None else total + loss.detach()  # read only when logged
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
