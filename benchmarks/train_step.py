@@ -33,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from drifting.config import load_config
+from drifting.data.datasets import to_float
 from drifting.data.queue import SampleQueue
 from drifting.drift import all_reduce_sum
 from drifting.feature_loss import ClassBatch
@@ -95,7 +96,7 @@ def main() -> None:
     loss_fn = build_loss(cfg.loss, shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     # Random "real" samples of the right shape fill the queues (float latents; pixels are stored as uint8).
-    pixels = cfg.data.dataset not in ("latents",)
+    pixels = cfg.data.dataset != "latents"
     storage = torch.uint8 if pixels else torch.float32
     queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
                         dtype=storage, device=device)
@@ -107,7 +108,7 @@ def main() -> None:
         return torch.randn(n, *shape, generator=g0)
 
     def to_model(x: torch.Tensor) -> torch.Tensor:
-        return x.float() / 127.5 - 1 if pixels else x.float()
+        return to_float(x) if pixels else x.float()
 
     for c0 in range(0, num_classes, 64):  # fill every class ring once
         labels = torch.arange(c0, min(c0 + 64, num_classes)).repeat_interleave(t.queue_per_class)

@@ -206,11 +206,6 @@ def euler(velocity_net: nn.Module, noise: Tensor, labels: Tensor, steps: int, st
     return x
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def sample_flow(velocity_net: nn.Module, labels: Tensor | Sequence[int], steps: int, *,
                 generator: torch.Generator | None = None) -> Tensor:
@@ -220,12 +215,11 @@ def sample_flow(velocity_net: nn.Module, labels: Tensor | Sequence[int], steps: 
     reproduces the samples exactly. steps=1 is the one-step generator x = noise + v(noise, 0).
     """
     steps = _check_steps(steps)
-    device = _device_of(velocity_net)
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels: expected a non-empty 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
-    noise, style = draw_inputs(velocity_net, labels.shape[0], generator=generator, device=device)
-    return euler(velocity_net, noise, labels.to(device), steps, style)
+    noise, style = draw_inputs(velocity_net, labels.shape[0], generator=generator)  # on the model's device
+    return euler(velocity_net, noise, labels.to(noise.device), steps, style)
 
 
 class EulerSampler(nn.Module):

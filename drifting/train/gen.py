@@ -46,8 +46,8 @@ from drifting.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from drifting.train.ema import ema_copy, ema_update
 from drifting.train.log import RunLogger, Throughput
 from drifting.train.parallel import (
-    full_optimizer_state_dict, full_state_dict, load_full_optimizer_state_dict, load_full_state_dict, set_gradient_sync,
-    wrap_model,
+    full_optimizer_state_dict, full_state_dict, is_sharded, load_full_optimizer_state_dict, load_full_state_dict,
+    set_gradient_sync, wrap_model,
 )
 from drifting.train.schedule import lr_at
 
@@ -450,7 +450,7 @@ def _plain_on_rank0(model: torch.nn.Module, cfg: GenConfig, num_classes: int, sh
     A plain or DDP-replicated module is returned as it is; an FSDP2-sharded one is gathered (a collective: every
     rank calls this) into a fresh unsharded copy, since a sharded forward would need every rank to take part.
     """
-    if not hasattr(next(model.parameters()), "full_tensor"):
+    if not is_sharded(model):
         return model if dist.is_main() else None
     state = full_state_dict(model)
     if not dist.is_main():

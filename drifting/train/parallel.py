@@ -16,6 +16,7 @@ strategy, so a checkpoint written under one strategy resumes under another.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from drifting.train.dist import world_size
 
 __all__ = [
     "STRATEGIES", "full_optimizer_state_dict", "full_state_dict", "load_full_optimizer_state_dict",
-    "load_full_state_dict", "set_gradient_sync", "unwrap", "wrap_model",
+    "is_sharded", "load_full_state_dict", "set_gradient_sync", "unwrap", "wrap_model",
 ]
 
 STRATEGIES = ("ddp", "fsdp", "none")
@@ -105,6 +106,11 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Any], *, strict: boo
         model.load_state_dict(state, strict=strict)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is FSDP2-sharded (its forward then needs every rank, its state dicts are collectives)."""
+    return _is_fsdp(unwrap(model))
+
+
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimiser's complete state on CPU, keyed by parameter name (torch.distributed.checkpoint's layout).
 
@@ -128,8 +134,6 @@ def set_gradient_sync(model: nn.Module, sync: bool):
     """A context for one backward of gradient accumulation: with sync=False, gradients stay local (no all-reduce or
     reduce-scatter) and add up until a backward with sync=True. DDP: `no_sync`; FSDP2: `set_requires_gradient_sync`.
     """
-    import contextlib
-
     if sync or world_size() == 1:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):
