@@ -255,3 +255,12 @@ def test_presets_match_the_drifting_presets(name):
                                                                          gen.train.steps)
     if name == "debug":
         assert flow == FlowConfig()  # the preset is the default
+
+
+def test_time_limit_ends_as_the_last_step(tmp_path):
+    main(replace(TINY, train=replace(TINY.train, steps=6, log_every=2, time_limit_min=1e-9)), tmp_path,
+         progress=False)
+    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 2
+    assert load_checkpoint(tmp_path / "ema.pt")["meta"]["step"] == 2
+    with pytest.raises(ValueError, match="train.time_limit_min"):
+        replace(TINY, train=replace(TINY.train, time_limit_min=-1.0))

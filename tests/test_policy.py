@@ -13,12 +13,14 @@ pytest.importorskip("shapely")
 pytest.importorskip("pygame")
 pytest.importorskip("gym_pusht")
 
-from drifting.policy.demos import (DemoConfig, PushTDemos, read_zarr, split_episodes,  # noqa: E402
-                                   synthetic_zarr, window_index)
+from drifting.policy.demos import (  # noqa: E402
+    DemoConfig, PushTDemos, export_npz, read_demos, read_zarr, split_episodes, synthetic_zarr, window_index,
+)
 from drifting.policy.env import PushT, dp_reset_state  # noqa: E402
 from drifting.policy.evaluate import chunk_latency, evaluate  # noqa: E402
 from drifting.policy.model import ChunkPolicy, ChunkUNet, PolicyModelConfig  # noqa: E402
 from drifting.policy.train import PolicyConfig, PolicyTrainConfig, knn_index, load_policy, main  # noqa: E402
+from drifting.train.checkpoint import load_checkpoint  # noqa: E402
 
 TINY = PolicyModelConfig(down_dims=(16, 32), groups=4, time_dim=16)
 
@@ -99,6 +101,25 @@ def test_loader_on_tiny_zarr(tmp_path):
     torch.testing.assert_close(act_norm.unnormalize(y), train.action)
 
 
+def test_npz_export_gives_the_same_windows(tmp_path):
+    path = synthetic_zarr(tmp_path / "tiny.zarr", episode_lengths=(30, 25, 40, 20))
+    npz = export_npz(path, tmp_path / "tiny.npz")
+    for key, value in read_zarr(path).items():
+        np.testing.assert_array_equal(read_demos(npz)[key], value)
+    a = PushTDemos(DemoConfig(path=str(path), val_ratio=0.25, max_train_episodes=2))
+    b = PushTDemos(DemoConfig(path=str(npz), val_ratio=0.25, max_train_episodes=2))
+    torch.testing.assert_close(a.obs, b.obs, rtol=0, atol=0)
+    torch.testing.assert_close(a.action, b.action, rtol=0, atol=0)
+
+
+def test_npz_errors_name_the_path_and_the_arrays(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.npz"):
+        read_demos(tmp_path / "nothere.npz")
+    np.savez(tmp_path / "bad.npz", state=np.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"missing arrays \['action', 'episode_ends'\]"):
+        read_demos(tmp_path / "bad.npz")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Policy
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,3 +162,13 @@ def test_smoke_training_and_evaluation(tmp_path, method, positives):
     result = evaluate(policy, n_episodes=1, max_steps=10)
     assert result["steps"] == [10] and 0.0 <= result["score"] <= 1.0
     assert chunk_latency(policy, repeats=2, warmup=1)["median_ms"] > 0
+
+
+def test_time_limit_ends_with_the_export(tmp_path):
+    path = synthetic_zarr(tmp_path / "tiny.zarr")
+    train = PolicyTrainConfig(k_pos=4, gen_per_obs=4, batch=8, steps=6, log_every=2, warmup_steps=1, device="cpu",
+                              time_limit_min=1e-9)
+    main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "policy.pt")["meta"]["step"] == 2
+    with pytest.raises(ValueError, match="train.time_limit_min"):
+        PolicyConfig(train=PolicyTrainConfig(time_limit_min=-1.0))

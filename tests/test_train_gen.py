@@ -186,3 +186,28 @@ def test_an_encoder_without_weights_is_refused(tmp_path):
     cfg = replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny"))
     with pytest.raises(ValueError, match="encoder_weights"):
         main(cfg, tmp_path, progress=False)
+
+
+def test_time_limit_ends_as_the_last_step_and_resume_continues_the_same_run(tmp_path):
+    # 1e-9 minutes have passed at the first check (step 2, the first log step): the run ends there with a checkpoint
+    # and an EMA export; a resume without the limit then finishes the 6 steps exactly as an uninterrupted run.
+    limited, straight = tmp_path / "limited", tmp_path / "straight"
+    main(with_train(TINY, steps=6, log_every=2, time_limit_min=1e-9), limited, progress=False)
+    assert final_state(limited)["step"] == 2
+    assert load_checkpoint(limited / "ema.pt")["meta"]["step"] == 2
+    main(with_train(TINY, steps=6, log_every=2), limited, progress=False)
+    main(with_train(TINY, steps=6, log_every=2), straight, progress=False)
+    a, b = final_state(limited), final_state(straight)
+    assert a["step"] == b["step"] == 6
+    assert_same_model(a["model"], b["model"], exact=True)
+
+
+def test_time_limit_is_checked_only_at_its_steps_and_never_when_zero():
+    from drifting.train.dist import TimeLimit
+
+    assert not TimeLimit(0.0, every=1).reached(1)  # 0: no limit
+    spent = TimeLimit(1e-9, every=5)
+    assert not spent.reached(4) and spent.reached(5)
+    assert not TimeLimit(60.0, every=1).reached(1)  # an hour has not passed
+    with pytest.raises(ValueError, match="train.time_limit_min"):
+        with_train(TINY, time_limit_min=-1.0)

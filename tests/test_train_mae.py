@@ -231,3 +231,12 @@ def test_flip_defaults_follow_the_dataset():
     assert not replace(TINY, data=MAEDataConfig(dataset="mnist")).use_flip
     assert replace(TINY, data=MAEDataConfig(dataset="cifar10")).use_flip
     assert replace(TINY, data=MAEDataConfig(dataset="mnist"), train=replace(TINY.train, flip=True)).use_flip
+
+
+def test_time_limit_ends_with_the_evaluation_and_the_export(tmp_path):
+    last = main(with_train(TINY, steps=6, log_every=2, time_limit_min=1e-9), tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 2
+    assert load_checkpoint(tmp_path / "encoder.pt")["meta"]["step"] == 2
+    assert "recon" in last
+    with pytest.raises(ValueError, match="train.time_limit_min"):
+        with_train(TINY, time_limit_min=-0.5)

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class DemoConfig:
-    path: str = "../shared/data/pusht/pusht_cchi_v7_replay.zarr"  # read in place, never copied into the repository
+    # The original zarr, read in place (never copied into the repository), or an .npz made by `export_npz`.
+    path: str = "../shared/data/pusht/pusht_cchi_v7_replay.zarr"
     val_ratio: float = 0.02
     max_train_episodes: int | None = 90
     split_seed: int = 42
@@ -53,6 +54,30 @@ def read_zarr(path: str | Path) -> dict[str, np.ndarray]:
     return {"state": np.asarray(root["data/state"][:], dtype=np.float32),
             "action": np.asarray(root["data/action"][:], dtype=np.float32),
             "episode_ends": np.asarray(root["meta/episode_ends"][:], dtype=np.int64)}
+
+
+def read_demos(path: str | Path) -> dict[str, np.ndarray]:
+    """The three arrays of `read_zarr`, from the zarr or from an `.npz` holding them (made by `export_npz`)."""
+    if Path(path).suffix != ".npz":
+        return read_zarr(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no Push-T demonstrations at {path} "
+                                "(an .npz made by `python -m drifting.policy.demos ZARR OUT.npz`)")
+    with np.load(path) as f:
+        missing = {"state", "action", "episode_ends"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (expected state, action, episode_ends)")
+        return {"state": f["state"].astype(np.float32), "action": f["action"].astype(np.float32),
+                "episode_ends": f["episode_ends"].astype(np.int64)}
+
+
+def export_npz(zarr_path: str | Path, out: str | Path) -> Path:
+    """Write the arrays a state policy reads (state, action, episode_ends; ~1 MB, no images) to a compressed .npz.
+
+    For machines without zarr, or to carry the demonstrations without the 30 MB of images in the original.
+    """
+    np.savez_compressed(out, **read_zarr(zarr_path))
+    return Path(out)
 
 
 def split_episodes(n_episodes: int, val_ratio: float = 0.02, max_train: int | None = 90,
@@ -129,7 +154,7 @@ class PushTDemos:
     """
 
     def __init__(self, cfg: DemoConfig, split: str = "train", data: dict[str, np.ndarray] | None = None):
-        data = read_zarr(cfg.path) if data is None else data
+        data = read_demos(cfg.path) if data is None else data
         ends = data["episode_ends"]
         train, val = split_episodes(len(ends), cfg.val_ratio, cfg.max_train_episodes, cfg.split_seed)
         if split not in ("train", "val"):
@@ -172,3 +197,11 @@ def _zarr3() -> bool:
     import zarr
 
     return int(zarr.__version__.split(".")[0]) >= 3
+
+
+if __name__ == "__main__":  # python -m drifting.policy.demos ZARR OUT.npz
+    import sys
+
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m drifting.policy.demos PUSHT_ZARR OUT.npz")
+    print(export_npz(sys.argv[1], sys.argv[2]))

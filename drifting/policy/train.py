@@ -33,6 +33,7 @@ from drifting.drift import drift_loss
 from drifting.policy.demos import DemoConfig, PushTDemos
 from drifting.policy.model import ChunkPolicy, PolicyModelConfig
 from drifting.train.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
+from drifting.train.dist import TimeLimit
 from drifting.train.ema import ema_copy, ema_update
 from drifting.train.log import RunLogger, Throughput
 from drifting.train.schedule import lr_at
@@ -58,6 +59,8 @@ class PolicyTrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Stop after this many minutes of training (checked at the log steps), ending as at the last step. 0: no limit.
+    time_limit_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class PolicyConfig:
         for name in ("k_pos", "gen_per_obs", "batch", "steps", "log_every", "ddpm_steps"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
+        if t.time_limit_min < 0:
+            raise ValueError(f"train.time_limit_min: expected minutes >= 0 (0: no limit), got {t.time_limit_min}")
         if t.method == "drift" and t.gen_per_obs < 2:
             raise ValueError("train.gen_per_obs: the drifting loss needs C_g >= 2 generated chunks per problem")
         if not (1 <= d.obs_horizon and d.action_horizon + d.obs_horizon - 1 <= d.pred_horizon):
@@ -158,6 +163,7 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
     save_config(cfg, run_dir / "config.yaml")
     logger, meter, last = RunLogger(run_dir, use_tensorboard=False), Throughput(), {}
     H, D = cfg.data.pred_horizon, policy.action_dim
+    limit, done = TimeLimit(t.time_limit_min, every=t.log_every), start
 
     for step in range(start, t.steps):
         t0 = time.perf_counter()
@@ -189,20 +195,25 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
         ema_update(ema, policy, min(t.ema_decay, (1 + step) / (10 + step)))
         meter.update(t.batch)
         done = step + 1
+        stop = limit.reached(done)  # the time budget is spent: end here as at the last step
+        final = stop or done == t.steps
 
-        if done % t.log_every == 0 or done == t.steps:
+        if done % t.log_every == 0 or final:
             last = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                     "windows_per_s": meter.rate(), "step_ms": 1e3 * (time.perf_counter() - t0)}
             if "drift_ms" in info:  # the drift loss stays ~constant by construction; the drift RMS shows progress
                 for tau, ms in zip(t.temperatures, info["drift_ms"].tolist()):
                     last[f"drift_rms_{tau}"] = ms ** 0.5
             logger.log(done, last, echo=True)
-        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
+        if (t.checkpoint_every and done % t.checkpoint_every == 0) or final:
             save_checkpoint(ckpt_dir / f"ckpt-{done:09d}.pt", {
                 "model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "step": done, "config": config_to_dict(cfg)}, keep_last=t.keep_checkpoints)
+        if stop:
+            print(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {done}", flush=True)
+            break
     export_weights(run_dir / "policy.pt", ema.state_dict(), config_to_dict(cfg),
-                   meta={"step": t.steps, "ema_decay": t.ema_decay, "method": t.method})
+                   meta={"step": done, "ema_decay": t.ema_decay, "method": t.method})
     logger.close()
     return last
 

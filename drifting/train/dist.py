@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -122,6 +123,35 @@ def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one (a collective: every rank must call it)."""
+    if world_size() == 1:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class TimeLimit:
+    """A wall-clock budget for a training loop (`train.time_limit_min`); minutes <= 0 means no limit.
+
+    `reached(step_done)` becomes True once `minutes` have passed since the limit was made. It looks at the clock only
+    every `every` steps (the log steps, where the loop synchronises anyway) and every rank gets the same answer, so all
+    processes leave the loop after the same step; the loop then ends as at its last step (checkpoint, export), and a
+    later resume continues towards `train.steps`.
+    """
+
+    def __init__(self, minutes: float, every: int):
+        self.deadline = time.monotonic() + 60.0 * minutes if minutes > 0 else None
+        self.every = max(1, int(every))
+
+    def reached(self, step_done: int) -> bool:
+        if self.deadline is None or step_done % self.every:
+            return False
+        return any_rank(time.monotonic() >= self.deadline)
 
 
 def cleanup() -> None:

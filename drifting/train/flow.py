@@ -90,6 +90,9 @@ class FlowTrainConfig:
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Stop after this many minutes of training (checked at the log steps), ending as at the last step. 0: no limit.
+    # Gives a baseline the drifting run's GPU time.
+    time_limit_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class FlowConfig:
         for name in ("warmup_steps", "sample_every", "checkpoint_every"):
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name}: expected an integer >= 0, got {getattr(t, name)}")
+        if t.time_limit_min < 0:
+            raise ValueError(f"train.time_limit_min: expected minutes >= 0 (0: no limit), got {t.time_limit_min}")
         if not t.lr > 0:
             raise ValueError(f"train.lr: expected a number > 0, got {t.lr}")
         if not t.grad_clip > 0:
@@ -296,6 +301,8 @@ def train(cfg: FlowConfig, run_dir: str | Path, *, resume: bool = True, progress
     meter = Throughput()
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.model.bf16 and device.type == "cuda")
     last: dict = {}
+    limit = dist.TimeLimit(t.time_limit_min, every=t.log_every)
+    step_done = start
 
     for step in tqdm(range(start, t.steps), desc="train-flow", disable=not (progress and dist.is_main()),
                      initial=start, total=t.steps):
@@ -323,30 +330,35 @@ def train(cfg: FlowConfig, run_dir: str | Path, *, resume: bool = True, progress
         ema_update(emas, model, {d: min(d, warm) for d in t.ema_decays})
         meter.update(t.batch)
         step_done = step + 1
+        stop = limit.reached(step_done)  # the time budget is spent: end here as at the last step
+        final = stop or step_done == t.steps
 
         # 3. Log, sample, checkpoint.
-        if step_done % t.log_every == 0 or step_done == t.steps:
+        if step_done % t.log_every == 0 or final:
             mean_loss = dist.all_reduce_sum_tensor(loss.detach()) / world
             last = {"loss": float(mean_loss), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                     "samples_per_s": meter.rate(), "step_ms": 1e3 * (time.perf_counter() - t0)}
             logger.log(step_done, last)
-        if ((t.sample_every and step_done % t.sample_every == 0) or step_done == t.steps) and dist.is_main() \
+        if ((t.sample_every and step_done % t.sample_every == 0) or final) and dist.is_main() \
                 and data.storage == torch.uint8:  # latents would need the VAE decoder: not drawn
             net = VelocityNet(emas[max(t.ema_decays)] if t.ema_decays else model)
             for n in t.grid_steps:
                 save_flow_grid(net, num_classes, run_dir / f"samples_{step_done:06d}_euler{n}.png", steps=n,
                                seed=t.seed)
-        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
+        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or final:
             state = {"model": full_state_dict(model), "ema": {str(d): full_state_dict(e) for d, e in emas.items()},
                      "optimizer": full_optimizer_state_dict(model, opt), "step": step_done,
                      "config": config_to_dict(cfg)}
             if dist.is_main():
                 save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", state, keep_last=t.keep_checkpoints)
             dist.barrier()
+        if stop:
+            dist.print0(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {step_done}")
+            break
     if t.ema_decays and dist.is_main():
         export_weights(run_dir / "ema.pt", full_state_dict(emas[max(t.ema_decays)]), config_to_dict(cfg),
                        meta={"kind": "flow", "time_scale": TIME_SCALE, "time_sampling": t.time_sampling,
-                             "step": t.steps, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
+                             "step": step_done, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
                              "shape": list(shape)})
     logger.close()
     return last

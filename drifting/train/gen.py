@@ -136,6 +136,9 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Stop after this many minutes of training (checked at the log steps), ending as at the last step: checkpoint,
+    # EMA export, grid. A resume continues towards `steps`. 0: no limit. Equal-time baselines use it.
+    time_limit_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,8 @@ class GenConfig:
         for name in ("steps", "classes", "gen_per_class", "pos_per_class", "push_per_step", "log_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
+        if t.time_limit_min < 0:
+            raise ValueError(f"train.time_limit_min: expected minutes >= 0 (0: no limit), got {t.time_limit_min}")
         if t.prefetch < 0:
             raise ValueError(f"train.prefetch: expected an integer >= 0, got {t.prefetch}")
         if t.uncond_per_class < 0:
@@ -335,6 +340,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.model.bf16 and device.type == "cuda")
     reduce = all_reduce_sum() if world > 1 else None
     last: dict = {}
+    limit = dist.TimeLimit(t.time_limit_min, every=t.log_every)
+    step_done = start
 
     def real_samples(step: int) -> tuple[Tensor, Tensor]:
         """The real samples step `step` pushes into the queues: a pure function of (seed, step)."""
@@ -407,9 +414,11 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         ema_update(emas, model, {d: min(d, warm) for d in t.ema_decays})
         meter.update(t.classes * t.gen_per_class)
         step_done = step + 1
+        stop = limit.reached(step_done)  # the time budget is spent: end here as at the last step
+        final = stop or step_done == t.steps
 
         # 3. Log, sample, checkpoint.
-        if step_done % t.log_every == 0 or step_done == t.steps:
+        if step_done % t.log_every == 0 or final:
             last = {"loss": float(total), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                     "samples_per_s": meter.rate(), "step_ms": 1e3 * (time.perf_counter() - t0)}
             for key, v in info.items():  # scale and drift RMS per temperature show progress; the loss is ~constant
@@ -417,14 +426,14 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 for tau, ms in zip(cfg.loss.temperatures, v["drift_ms"].tolist()):
                     last[f"drift_rms_{tau}/{key}"] = math.sqrt(ms)
             logger.log(step_done, last)
-        if (t.sample_every and step_done % t.sample_every == 0) or step_done == t.steps:
+        if (t.sample_every and step_done % t.sample_every == 0) or final:
             if data.storage == torch.uint8 or cfg.data.vae is not None:  # latents are drawn through the VAE
                 sampler = _plain_on_rank0(emas[max(t.ema_decays)] if t.ema_decays else model, cfg, num_classes,
                                           shape, device)
                 if sampler is not None:
                     save_grid(sampler, num_classes, run_dir / f"samples_{step_done:06d}.png", seed=t.seed,
                               decode=decode)
-        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
+        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or final:
             # Full (unsharded) states on CPU; collectives under FSDP2, so every rank gathers and rank 0 writes.
             state = {"model": full_state_dict(model), "ema": {str(d): full_state_dict(e) for d, e in emas.items()},
                      "optimizer": full_optimizer_state_dict(model, opt), "queue": queue.state_dict(),
@@ -432,12 +441,15 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             if dist.is_main():
                 save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", state, keep_last=t.keep_checkpoints)
             dist.barrier()
+        if stop:
+            dist.print0(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {step_done}")
+            break
     pushes.close()
     if t.ema_decays:
         ema_state = full_state_dict(emas[max(t.ema_decays)])
         if dist.is_main():
             export_weights(run_dir / "ema.pt", ema_state, config_to_dict(cfg),
-                           meta={"step": t.steps, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
+                           meta={"step": step_done, "ema_decay": max(t.ema_decays), "num_classes": num_classes,
                                  "shape": list(shape)})
     logger.close()
     return last

@@ -97,6 +97,9 @@ class MAETrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # Stop after this many minutes of training (checked at the log steps), ending as at the last step: checkpoint,
+    # evaluation, export (the fine-tune, scheduled on `steps`, may not have begun). 0: no limit.
+    time_limit_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class MAEConfig:
         for name in ("warmup_steps", "checkpoint_every", "finetune_steps", "finetune_ramp"):
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name}: expected an integer >= 0, got {getattr(t, name)}")
+        if t.time_limit_min < 0:
+            raise ValueError(f"train.time_limit_min: expected minutes >= 0 (0: no limit), got {t.time_limit_min}")
         if t.finetune_steps > t.steps:
             raise ValueError(f"train.finetune_steps: {t.finetune_steps} is more than train.steps = {t.steps}")
         if not 0.0 < t.mask_ratio < 1.0:
@@ -301,6 +306,8 @@ def train_mae(cfg: MAEConfig, run_dir: str | Path, *, resume: bool = True, progr
     images_dev, labels_dev = images.to(device), labels.to(device)  # uint8: 150 MB for CIFAR-10, once
     window = torch.zeros(3, device=device)  # running (total, recon, ce) shares since the last log
     window_steps, last = 0, {}
+    limit = dist.TimeLimit(t.time_limit_min, every=t.log_every)
+    step_done = start
 
     def run_eval(step_done: int) -> dict:
         if not dist.is_main():
@@ -350,9 +357,11 @@ def train_mae(cfg: MAEConfig, run_dir: str | Path, *, resume: bool = True, progr
         window_steps += 1
         meter.update(t.batch)
         step_done = step + 1
+        stop = limit.reached(step_done)  # the time budget is spent: end here as at the last step
+        final = stop or step_done == t.steps
 
         # 3. Log, evaluate, checkpoint.
-        if step_done % t.log_every == 0 or step_done == t.steps:
+        if step_done % t.log_every == 0 or final:
             # Summed over processes, the shares are the global losses; one CPU-GPU sync per log.
             total, recon_l, ce = (dist.all_reduce_sum_tensor(window) / window_steps).tolist()
             last = {"loss": total, "recon": recon_l, "ce": ce, "lambda": lam, "grad_norm": float(grad_norm),
@@ -361,21 +370,24 @@ def train_mae(cfg: MAEConfig, run_dir: str | Path, *, resume: bool = True, progr
             logger.log(step_done, last)
             window.zero_()
             window_steps = 0
-        if cfg.eval.every and step_done % cfg.eval.every == 0 and step_done != t.steps:
+        if cfg.eval.every and step_done % cfg.eval.every == 0 and not final:
             run_eval(step_done)
             dist.barrier()
-        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or step_done == t.steps:
+        if (t.checkpoint_every and step_done % t.checkpoint_every == 0) or final:
             if dist.is_main():
                 save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", {
                     "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                     "step": step_done, "config": config_to_dict(cfg)}, keep_last=t.keep_checkpoints)
             dist.barrier()
+        if stop:
+            dist.print0(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {step_done}")
+            break
 
     # 4. Evaluate the EMA weights and export them.
-    metrics = run_eval(t.steps)
+    metrics = run_eval(step_done)
     if dist.is_main():
         export_weights(run_dir / "encoder.pt", ema.state_dict(), config_to_dict(cfg),
-                       meta={"step": t.steps, "ema_decay": t.ema_decay, "encoder": cfg.model.encoder,
+                       meta={"step": step_done, "ema_decay": t.ema_decay, "encoder": cfg.model.encoder,
                              "encoder_kwargs": encoder_kwargs, "num_classes": num_classes, "shape": list(shape),
                              "metrics": metrics})
     dist.barrier()
