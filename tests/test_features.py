@@ -131,3 +131,26 @@ def test_pixel_norm_x_is_over_patchified_channels():
     # Channel (r, s, C) of the patchified input is pixel (r, s) of each 8x8 patch in colour C.
     torch.testing.assert_close(keys["norm_x"][0, 0, (1 * 8 + 2) * 3 + 1],
                                (x[0, 1, 1::8, 2::8].square().mean() + 1e-6).sqrt())
+
+
+@pytest.mark.parametrize("preset", ["mae_tiny", "mae_mnist", "mae_cifar"])
+def test_every_key_of_the_small_encoders_varies_across_samples(preset):
+    # A key that is the same for every sample carries no signal, and its distances are rounding noise that the
+    # loss's 1e-4 scale clamp turns into huge gradients. With one channel per GroupNorm group, the spatial mean and
+    # std of a stage output were exactly beta and |gamma| (a regression: small generators collapsed).
+    from drifting.models.resnet_mae import resnet_maes
+
+    torch.manual_seed(0)
+    model = resnet_maes[preset]()
+    with torch.no_grad():  # trained-like affine parameters, not the (1, 0) initialisation
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.5)
+    c = model.cfg
+    x = rand(6, c.in_channels, c.image_size, c.image_size, dtype=torch.float32) * 2 - 1
+    with torch.no_grad():
+        keys = feature_sets(x, model.patchify(x), model.taps(x))
+    for name, v in keys.items():
+        spread = v.std(dim=0).mean() / v.abs().mean().clamp_min(1e-12)  # across samples, relative to the size
+        assert spread > 1e-3, f"{preset}: key {name} is (nearly) the same for every sample ({float(spread):.2e})"

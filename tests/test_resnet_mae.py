@@ -104,7 +104,8 @@ def test_backward_reaches_the_input():
 
 
 def test_group_norm_and_shortcuts():
-    assert [num_groups(c) for c in (256, 640, 8, 12, 48, 96)] == [32, 32, 8, 12, 24, 32]
+    # the authors' 32 groups for every width of the paper; at least 8 channels per group below 256
+    assert [num_groups(c) for c in (256, 512, 640, 5120, 8, 12, 32, 48, 64, 96)] == [32, 32, 32, 32, 1, 1, 4, 6, 8, 12]
     model = ResNetMAE()
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.eps == GN_EPS == 1e-6 and m.affine for m in norms)

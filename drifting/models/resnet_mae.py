@@ -30,6 +30,13 @@ from torch import Tensor, nn
 
 GN_GROUPS = 32
 GN_EPS = 1e-6  # Flax's GroupNorm default, which the authors' code uses
+# At least 8 channels per group, as in the paper's narrowest GroupNorm (256 channels / 32 groups). With one channel
+# per group (the authors' 32-group rule at widths <= 32) a GroupNorm output has a spatial mean of exactly beta and a
+# spatial std of |gamma| for every sample: the `layer1_mean` / `layer1_std` keys of a small encoder were constants,
+# their distances rounding noise clamped to the 1e-4 scale, and their gradients (1e10 at the zero-output start)
+# drowned every other key's after clipping: MNIST, Fashion-MNIST and CIFAR-10 generators with such an encoder
+# collapsed to one image (docs/results.md). Every width of the paper (C >= 256) keeps 32 groups.
+GN_MIN_CHANNELS_PER_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,10 @@ class ResNetMAEConfig:
 
 
 def num_groups(channels: int, max_groups: int = GN_GROUPS) -> int:
-    """The largest divisor of `channels` that is at most 32 (32 for every width of the paper)."""
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+    """The largest divisor of `channels` that is at most 32 and leaves >= 8 channels per group (32 for every width of
+    the paper; one group below 16 channels)."""
+    limit = max(1, min(max_groups, channels // GN_MIN_CHANNELS_PER_GROUP))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
