@@ -6,12 +6,15 @@
 #   ENCODER=runs/small_scale/mnist/mae/encoder.pt bash scripts/ablations.sh            # all of them, MNIST
 #   ENCODER=... bash scripts/ablations.sh antisymmetry normalization                  # some of them
 #   PRESET=cifar10 DATASET=cifar10 DATA=../shared/data/cifar10_jpeg.npz ENC=mae_cifar ENCODER=... bash ...
+#   ENCODER=none PRESET=mnist_cpu STEPS=1000 bash scripts/ablations.sh temperatures   # raw pixels only, CPU scale
+# (At small scale the generators with an MAE encoder collapse from the zero-output start: docs/results.md.)
 set -euo pipefail
 preset=${PRESET:-mnist}; dataset=${DATASET:-mnist}; data=${DATA:-../shared/data/mnist.npz}
-enc=${ENC:-mae_mnist}; encoder=${ENCODER:?ENCODER=<the encoder.pt of drifting train-mae>}
+enc=${ENC:-mae_mnist}; encoder=${ENCODER:?ENCODER=<the encoder.pt of drifting train-mae>, or none for raw pixels}
 steps=${STEPS:-1500}; runs=${RUNS:-runs/ablations/$preset}
 base=(data.path="$data" train.steps=$steps train.sample_every=0 train.checkpoint_every=500)
 with_encoder=(loss.encoder=$enc loss.encoder_weights="$encoder")
+[ "$encoder" = none ] && with_encoder=()
 
 run() {  # run NAME OVERRIDES...: train, then score alpha 1 and 1.5
   local name=$1; shift
@@ -36,7 +39,7 @@ allocation() {  # Table 2: N_pos per class, then N_c against N_neg = C_g at a fi
 }
 encoder() {  # Table 3: no feature encoder (raw pixels only), the small MAE, a wider MAE (ENCODER_WIDE, optional)
   run enc_none
-  run enc_small "${with_encoder[@]}"
+  [ "$encoder" = none ] || run enc_small "${with_encoder[@]}"
   if [ -n "${ENCODER_WIDE:-}" ]; then run enc_wide loss.encoder=${ENC_WIDE:?} loss.encoder_weights="$ENCODER_WIDE"; fi
 }
 normalization() {  # Table 11: kernel normalisation over both axes, over targets only, none

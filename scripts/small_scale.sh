@@ -6,6 +6,9 @@
 #
 #   bash scripts/small_scale.sh mnist          # or fashion, cifar10
 #   DATA=../shared/data/mnist.npz STEPS=3000 bash scripts/small_scale.sh mnist
+#   ENCODER=none MINUTES=4 bash scripts/small_scale.sh mnist   # raw pixels, 4 minutes each (docs/results.md, GPU runs)
+# At this scale the runs with the MAE encoder collapse from the zero-output start (docs/results.md); ENCODER=none
+# trains on raw pixels only.
 set -euo pipefail
 name=${1:?usage: small_scale.sh mnist|fashion|cifar10}
 case $name in
@@ -16,18 +19,24 @@ case $name in
 esac
 runs=${RUNS:-runs/small_scale/$name}
 steps=${STEPS:-}  # empty: the preset's steps
-extra=${steps:+train.steps=$steps}
+minutes=${MINUTES:-}  # a wall-clock budget for the generator and the flow baseline alike (equal GPU time)
+extra="${steps:+train.steps=$steps} ${minutes:+train.time_limit_min=$minutes}"
 
-# 1. The feature encoder: a small ResNet-MAE on the same data (masked reconstruction, then the classification ramp).
-drifting train-mae --preset "$mae" --out "$runs/mae" data.dataset=$dataset data.path="$data"
+if [ "${ENCODER:-mae}" = none ]; then
+  keys=()
+else
+  # 1. The feature encoder: a small ResNet-MAE on the same data (masked reconstruction, then the classification ramp).
+  drifting train-mae --preset "$mae" --out "$runs/mae" data.dataset=$dataset data.path="$data"
+  keys=(loss.encoder=$enc loss.encoder_weights="$runs/mae/encoder.pt")
+fi
 
-# 2. The drifting generator with that encoder's keys (plus the raw pixels).
-drifting train --preset "gen/$name" --out "$runs/drifting" data.path="$data" \
-    loss.encoder=$enc loss.encoder_weights="$runs/mae/encoder.pt" $extra
+# 2. The drifting generator with that encoder's keys (plus the raw pixels), or on raw pixels alone.
+drifting train --preset "gen/$name" --out "$runs/drifting" data.path="$data" "${keys[@]}" $extra
 
-# 3. The flow-matching baseline, same DiT. For equal GPU time, pass FLOW_STEPS = the drifting run's wall time
-#    divided by a flow step's step_ms (both in metrics.jsonl).
-drifting train-flow --preset "flow/$name" --out "$runs/flow" data.path="$data" ${FLOW_STEPS:+train.steps=$FLOW_STEPS}
+# 3. The flow-matching baseline, same DiT. For equal GPU time use MINUTES, or pass FLOW_STEPS = the drifting run's
+#    wall time divided by a flow step's step_ms (both in metrics.jsonl).
+drifting train-flow --preset "flow/$name" --out "$runs/flow" data.path="$data" ${FLOW_STEPS:+train.steps=$FLOW_STEPS} \
+    ${minutes:+train.time_limit_min=$minutes}
 
 # 4. Samples and metrics: drifting over alpha in {1, 1.5, 2, 3} (Figure-5 style table and plots), the floor of the
 #    real test split, flow with 1 and 50 Euler steps; a nearest-neighbour panel for the drifting samples.
