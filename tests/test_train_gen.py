@@ -211,3 +211,22 @@ def test_time_limit_is_checked_only_at_its_steps_and_never_when_zero():
     assert not TimeLimit(60.0, every=1).reached(1)  # an hour has not passed
     with pytest.raises(ValueError, match="train.time_limit_min"):
         with_train(TINY, time_limit_min=-1.0)
+
+
+def test_encoder_start_step_trains_on_the_raw_key_first_then_adds_the_encoder(tmp_path):
+    from drifting.train.log import read_metrics
+
+    with_enc = replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny", encoder_weights="random",
+                                          encoder_start_step=2))
+    main(with_train(with_enc, steps=3), tmp_path / "delayed", progress=False)
+    main(with_train(TINY, steps=2), tmp_path / "raw", progress=False)
+    rows = read_metrics(tmp_path / "delayed" / "metrics.jsonl")
+    keys = [{k.split("/", 1)[1] for k in r if k.startswith("scale/")} for r in rows if "loss" in r]
+    assert keys[0] == keys[1] == {"global"} and len(keys[2]) > 1  # steps 1-2 raw only, step 3 with the encoder
+    # up to the switch the run is exactly a raw-pixel run
+    main(with_train(with_enc, steps=2), tmp_path / "delayed2", progress=False)
+    assert_same_model(final_state(tmp_path / "delayed2")["model"], final_state(tmp_path / "raw")["model"], exact=True)
+    with pytest.raises(ValueError, match="loss.encoder_start_step"):
+        replace(TINY, loss=replace(TINY.loss, encoder_start_step=5))
+    with pytest.raises(ValueError, match="loss.encoder_start_step"):
+        replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny", encoder_start_step=-1))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
@@ -96,6 +96,11 @@ class LossConfig:
     attraction: float = 1.0
     repulsion: float = 1.0
     impl: Literal["auto", "reference", "fused"] = "auto"
+    # Steps on the raw samples' key alone before the encoders' keys join (0: from the start, as the authors). The
+    # zero-initialised generator starts with every sample of a class at one point; at small scale the encoders' keys
+    # (huge gradients for such near-constant images) kept it there, while the raw key separates the samples within a
+    # few hundred steps (docs/results.md). Not in the paper; the step count is a guess to tune.
+    encoder_start_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,11 @@ class GenConfig:
         for name in ("steps", "classes", "gen_per_class", "pos_per_class", "push_per_step", "log_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name}: expected an integer >= 1, got {getattr(t, name)}")
+        if self.loss.encoder_start_step < 0:
+            raise ValueError(f"loss.encoder_start_step: expected an integer >= 0, got {self.loss.encoder_start_step}")
+        if self.loss.encoder_start_step and self.loss.encoder is None and self.loss.convnext_weights is None:
+            raise ValueError("loss.encoder_start_step: delays the encoders' keys, but no encoder is configured "
+                             "(loss.encoder / loss.convnext_weights)")
         if t.time_limit_min < 0:
             raise ValueError(f"train.time_limit_min: expected minutes >= 0 (0: no limit), got {t.time_limit_min}")
         if t.prefetch < 0:
@@ -307,6 +317,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     if strategy == "fsdp":
         emas = {d: wrap_model(e, strategy="fsdp", device=device) for d, e in emas.items()}
     loss_fn = build_loss(cfg.loss, shape, device)
+    raw_loss_fn = build_loss(replace(cfg.loss, encoder=None, convnext_weights=None), shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
                         dtype=data.storage, device=device)
@@ -385,6 +396,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 return train_model(*inputs).float()
 
         n_chunks = local_classes // chunk
+        step_loss = loss_fn if step >= cfg.loss.encoder_start_step else raw_loss_fn
         stats = None
         if n_chunks > 1:  # global statistics first, over every chunk of every process
             with torch.no_grad():
@@ -393,7 +405,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     inputs, p, n, wk = chunk_inputs(k)
                     batches.append(ClassBatch(generate(inputs), p, n, wk))
                 with autocast:
-                    stats = loss_fn.stats(batches, all_reduce=reduce)
+                    stats = step_loss.stats(batches, all_reduce=reduce)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
@@ -403,7 +415,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 # The encoders run under the same autocast as the generator (the authors' MAE runs in bf16; the
                 # ConvNeXt adapter keeps fp32 itself); the drifting math inside the loss is fp32 whatever the keys.
                 with autocast:
-                    loss, info = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
+                    loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
             total = loss.detach() if total is None else total + loss.detach()  # read only when logged
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
