@@ -7,13 +7,13 @@
 #   ENCODER=... bash scripts/ablations.sh antisymmetry normalization                  # some of them
 #   PRESET=cifar10 DATASET=cifar10 DATA=../shared/data/cifar10_jpeg.npz ENC=mae_cifar ENCODER=... bash ...
 #   ENCODER=none PRESET=mnist_cpu STEPS=1000 bash scripts/ablations.sh temperatures   # raw pixels only, CPU scale
-# (At small scale the generators with an MAE encoder collapse from the zero-output start: docs/results.md.)
 set -euo pipefail
 preset=${PRESET:-mnist}; dataset=${DATASET:-mnist}; data=${DATA:-../shared/data/mnist.npz}
 enc=${ENC:-mae_mnist}; encoder=${ENCODER:?ENCODER=<the encoder.pt of drifting train-mae>, or none for raw pixels}
 steps=${STEPS:-1500}; runs=${RUNS:-runs/ablations/$preset}
 base=(data.path="$data" train.steps=$steps train.sample_every=0 train.checkpoint_every=500)
-with_encoder=(loss.encoder=$enc loss.encoder_weights="$encoder")
+# the raw key alone for the first ENCODER_START steps (the small-scale collapse at the zero-output start, results.md)
+with_encoder=(loss.encoder=$enc loss.encoder_weights="$encoder" loss.encoder_start_step=${ENCODER_START:-300})
 [ "$encoder" = none ] && with_encoder=()
 
 run() {  # run NAME OVERRIDES...: train, then score alpha 1 and 1.5
