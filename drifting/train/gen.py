@@ -317,7 +317,9 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     if strategy == "fsdp":
         emas = {d: wrap_model(e, strategy="fsdp", device=device) for d, e in emas.items()}
     loss_fn = build_loss(cfg.loss, shape, device)
-    raw_loss_fn = build_loss(replace(cfg.loss, encoder=None, convnext_weights=None), shape, device)
+    # the raw key alone, for the steps before loss.encoder_start_step
+    raw_loss_fn = (build_loss(replace(cfg.loss, encoder=None, convnext_weights=None), shape, device)
+                   if cfg.loss.encoder_start_step else loss_fn)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     queue = SampleQueue(num_classes, shape, per_class=t.queue_per_class, unconditional=t.queue_uncond,
                         dtype=data.storage, device=device)
