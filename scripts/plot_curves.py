@@ -8,13 +8,9 @@ that show progress; the loss is ~constant by construction), the key's distance s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def read(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from drifting.train.log import read_metrics
 
 
 def main() -> None:
@@ -35,7 +31,7 @@ def main() -> None:
 
     fig, (ax_rms, ax_scale, ax_grad) = plt.subplots(1, 3, figsize=(14, 3.8))
     for path, label in zip(args.metrics, labels):
-        rows = [r for r in read(path) if "grad_norm" in r]
+        rows = [r for r in read_metrics(path) if "grad_norm" in r]
         if not rows:
             raise SystemExit(f"{path}: no training rows (grad_norm) in it")
         steps = [r["step"] for r in rows]

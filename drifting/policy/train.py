@@ -210,7 +210,7 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
                 "model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "step": done, "config": config_to_dict(cfg)}, keep_last=t.keep_checkpoints)
         if stop:
-            print(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {done}", flush=True)
+            print(limit.stopped(done), flush=True)
             break
     export_weights(run_dir / "policy.pt", ema.state_dict(), config_to_dict(cfg),
                    meta={"step": done, "ema_decay": t.ema_decay, "method": t.method})

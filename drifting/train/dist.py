@@ -145,6 +145,7 @@ class TimeLimit:
     """
 
     def __init__(self, minutes: float, every: int):
+        self.minutes = minutes
         self.deadline = time.monotonic() + 60.0 * minutes if minutes > 0 else None
         self.every = max(1, int(every))
 
@@ -152,6 +153,10 @@ class TimeLimit:
         if self.deadline is None or step_done % self.every:
             return False
         return any_rank(time.monotonic() >= self.deadline)
+
+    def stopped(self, step_done: int) -> str:
+        """The line a loop prints when it leaves at the limit."""
+        return f"train.time_limit_min = {self.minutes} reached: stopped after step {step_done}"
 
 
 def cleanup() -> None:

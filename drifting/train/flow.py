@@ -353,7 +353,7 @@ def train(cfg: FlowConfig, run_dir: str | Path, *, resume: bool = True, progress
                 save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", state, keep_last=t.keep_checkpoints)
             dist.barrier()
         if stop:
-            dist.print0(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {step_done}")
+            dist.print0(limit.stopped(step_done))
             break
     if t.ema_decays and dist.is_main():
         export_weights(run_dir / "ema.pt", full_state_dict(emas[max(t.ema_decays)]), config_to_dict(cfg),

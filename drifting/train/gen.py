@@ -456,7 +456,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 save_checkpoint(ckpt_dir / f"ckpt-{step_done:09d}.pt", state, keep_last=t.keep_checkpoints)
             dist.barrier()
         if stop:
-            dist.print0(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {step_done}")
+            dist.print0(limit.stopped(step_done))
             break
     pushes.close()
     if t.ema_decays:

@@ -380,7 +380,7 @@ def train_mae(cfg: MAEConfig, run_dir: str | Path, *, resume: bool = True, progr
                     "step": step_done, "config": config_to_dict(cfg)}, keep_last=t.keep_checkpoints)
             dist.barrier()
         if stop:
-            dist.print0(f"train.time_limit_min = {t.time_limit_min} reached: stopped after step {step_done}")
+            dist.print0(limit.stopped(step_done))
             break
 
     # 4. Evaluate the EMA weights and export them.
