@@ -11,6 +11,7 @@ import torch
 
 from drifting.train.checkpoint import load_checkpoint
 from drifting.train.gen import DataConfig, GenConfig, TrainConfig, main
+from drifting.train.log import read_metrics
 from multiproc import free_port, spawn
 
 # 4 classes of 8x8x3 synthetic images, DiT-tiny, tiny batches.
@@ -84,6 +85,10 @@ def test_two_gloo_processes_give_the_same_update_as_one(tmp_path):
     main(cfg, single, progress=False)
     spawn(_worker, 2, free_port(), str(tmp_path / "two"), cfg)
     assert_same_model(final_state(single)["model"], final_state(tmp_path / "two")["model"], exact=False)
+    # The logged loss is the step's loss (summed over the processes' shares), not rank 0's share.
+    logged = [read_metrics(d / "metrics.jsonl")[-1] for d in (single, tmp_path / "two")]
+    assert logged[0]["step"] == logged[1]["step"] == 3
+    assert logged[1]["loss"] == pytest.approx(logged[0]["loss"], rel=1e-5)
 
 
 def test_fsdp_processes_give_the_same_run_as_one_and_resume(tmp_path):
