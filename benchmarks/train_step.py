@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from drifting.config import load_config
@@ -61,6 +62,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: known H100/H200/A100)")
     p.add_argument("--baseline", help="the JSON of a 1-GPU run: report the scaling efficiency against it")
     p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--profile", help="also profile one step (torch.profiler) and write its table of operators here")
     return p.parse_args()
 
 
@@ -161,20 +163,23 @@ def main() -> None:
         stats = None
         if n_chunks > 1:
             with torch.no_grad():
-                batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
-                with autocast:
+                with record_function("statistics pass: generator"):
+                    batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
+                with autocast, record_function("statistics pass: loss.stats"):
                     stats = loss_fn.stats(batches, all_reduce=reduce)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):
             inputs, p, n, wk = chunk_inputs(k)
             with set_gradient_sync(train_model, k == n_chunks - 1):
-                x = generate(inputs)
+                with record_function("generator forward"):
+                    x = generate(inputs)
                 mark("generator forward")
-                with autocast:
+                with autocast, record_function("loss call"):
                     loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
                 mark("loss call")
-                (loss * world).backward()
+                with record_function("backward"):
+                    (loss * world).backward()
                 mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -224,6 +229,16 @@ def main() -> None:
         enc_s = enc_s / args.iters * (local // chunk)
     split["encoders forward"] = enc_s
     split["drifting loss"] = split.pop("loss call") - enc_s
+
+    if args.profile:  # one more step under the profiler: which operators take the time, by GPU time
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            step(20_000)
+            sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
+                                          max_name_column_width=70)
+        if dist.is_main():
+            Path(args.profile).write_text(table + "\n")
 
     # FLOPs of one process's step (issue 10's count), at the local batch.
     flops = {}
