@@ -166,7 +166,7 @@ def main() -> None:
                 with record_function("statistics pass: generator"):
                     batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
                 with autocast, record_function("statistics pass: loss.stats"):
-                    stats = loss_fn.stats(batches, all_reduce=reduce)
+                    stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):

@@ -20,7 +20,8 @@ and location of the step, on every process. Three ways to call, all giving the s
 * classes in chunks with gradient accumulation (and optionally several processes):
       stats = fdl.stats([ClassBatch(gen_k.detach(), pos_k, neg_k, w_k) for k in chunks], all_reduce=...)
       for k in chunks: fdl(gen_k, pos_k, neg_k, w_k, stats=stats)[0].backward()
-  `stats` makes two no-grad passes over all chunks (encoder forward on every sample each time): the first sums
+  `stats` makes two no-grad passes over all chunks (encoder forward on every sample each time, or once with
+  `keep_sources=True`, which holds every chunk's taps between the passes): the first sums
   sum(w d) and sum(w) per key, reduced over processes in one collective, giving each key's scale; the second sums
   the squared fields per temperature at that scale, again one collective, giving the lambdas. The chunk calls then
   reuse them and divide by the global class count. gen_k with grad must be the same samples as the detached ones
@@ -238,19 +239,24 @@ class FeatureDriftLoss:
     # -----------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None) -> FeatureStats:
+    def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None,
+              keep_sources: bool = False) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
-        Two passes over the batches, each running the encoder on every sample (see the module docstring); two
-        collectives in all. batches: a sequence (it is traversed twice) of `ClassBatch`, gen detached or not.
+        Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
+        traversed twice) of `ClassBatch`, gen detached or not. keep_sources: run the encoders once per batch and
+        keep every batch's taps for the second pass (one encoder pass less, memory for the taps of all batches at
+        once); by default each pass runs the encoders again and only one batch's taps exist at a time. Same result.
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
             raise ValueError("stats: expected at least one ClassBatch")
         options = {k: v for k, v in self.drift_options.items() if k != "impl"}  # statistics: reference code
+        sources = [self._batch_sources(b) for b in batches] if keep_sources else None
 
         # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.
-        scale_sums = self._accumulate(batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw))
+        scale_sums = self._accumulate(batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw),
+                                      sources)
         keys = list(scale_sums)
         packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
                             scale_sums[keys[0]].new_tensor([sum(b.num_classes for b in batches)])])
@@ -264,6 +270,7 @@ class FeatureDriftLoss:
             batches,
             lambda g, p, n, nw, key: drift.field_square_sums(
                 g, p, n, neg_weight=nw, total_scale_sums=global_scale_sums[key], **options),
+            sources,
         )
         packed = torch.stack([square_sums[k] for k in keys])  # (K, R + 1)
         if all_reduce is not None:
@@ -272,12 +279,16 @@ class FeatureDriftLoss:
             {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}, num_classes
         )
 
-    def _accumulate(self, batches: list[ClassBatch], partial) -> dict[str, Tensor]:
-        """Sum partial(gen, pos, neg, neg_weight, key) per key over the batches."""
+    def _batch_sources(self, b: ClassBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The sources of a batch's generated and of its real samples (pos, then neg)."""
+        return self._sources(b.gen), self._sources(b.pos if b.neg is None else torch.cat([b.pos, b.neg]))
+
+    def _accumulate(self, batches: list[ClassBatch], partial, sources=None) -> dict[str, Tensor]:
+        """Sum partial(gen, pos, neg, neg_weight, key) per key over the batches (sources: precomputed, or None)."""
         sums: dict[str, Tensor] = {}
-        for b in batches:
-            real = b.pos if b.neg is None else torch.cat([b.pos, b.neg])
-            for _, key, _, g, p, n, nw in self._problem_sets(self._sources(b.gen), self._sources(real), b):
+        for i, b in enumerate(batches):
+            gen_sources, real_sources = sources[i] if sources is not None else self._batch_sources(b)
+            for _, key, _, g, p, n, nw in self._problem_sets(gen_sources, real_sources, b):
                 with torch.autocast(b.gen.device.type, enabled=False):
                     part = partial(g, p, n, nw, key)
                 sums[key] = part if key not in sums else sums[key] + part

@@ -116,6 +116,21 @@ def test_two_class_chunks_with_gradient_accumulation_equal_whole():
     assert not torch.allclose(alone * 3 / 4, share, rtol=1e-4)
 
 
+def test_stats_keeping_the_sources_equal_recomputing_them_with_one_encoder_pass_less():
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 4)]]
+    calls, taps = [], fdl.encoder.taps
+    fdl.encoder.taps = lambda x: calls.append(1) or taps(x)  # count the encoder's runs
+    recomputed = fdl.stats(batches)
+    runs_recomputing, calls[:] = len(calls), []
+    kept = fdl.stats(batches, keep_sources=True)
+    assert (runs_recomputing, len(calls)) == (8, 4)  # 2 batches x (gen, real) x 2 passes, against 1 pass
+    assert kept.num_classes == recomputed.num_classes == N_C and list(kept.keys) == list(recomputed.keys)
+    for key, s in recomputed.keys.items():
+        assert torch.equal(kept.keys[key].scale, s.scale) and torch.equal(kept.keys[key].drift_ms, s.drift_ms)
+
+
 def test_encoder_is_frozen_but_passes_gradient():
     encoder = make_encoder()
     fdl = FeatureDriftLoss(encoder)

@@ -119,6 +119,9 @@ class TrainConfig:
     pos_per_class: int = 16  # C_p
     uncond_per_class: int = 4  # C_n
     class_chunk: int | None = None  # classes per gradient-accumulation chunk on each process (None: all at once)
+    # With class chunks: run the encoders once in the statistics pass, holding every chunk's features between its two
+    # passes (memory for the features of all local classes at once), instead of once per pass. Same statistics.
+    stats_keep_features: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -407,7 +410,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     inputs, p, n, wk = chunk_inputs(k)
                     batches.append(ClassBatch(generate(inputs), p, n, wk))
                 with autocast:
-                    stats = step_loss.stats(batches, all_reduce=reduce)
+                    stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
