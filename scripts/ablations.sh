@@ -37,10 +37,14 @@ allocation() {  # Table 2: N_pos per class, then N_c against N_neg = C_g at a fi
   run alloc_c5_g128 "${with_encoder[@]}" train.classes=5 train.gen_per_class=128
   run alloc_c2_g320 "${with_encoder[@]}" train.classes=2 train.gen_per_class=320
 }
-encoder() {  # Table 3: no feature encoder (raw pixels only), the small MAE, a wider MAE (ENCODER_WIDE, optional)
+encoder() {  # Table 3: no feature encoder (raw pixels only), the small MAE, a wider MAE (ENCODER_WIDE: its encoder.pt,
+           # e.g. of drifting train-mae --preset mae/mnist model.width=64; the width is read from the file)
   run enc_none
   [ "$encoder" = none ] || run enc_small "${with_encoder[@]}"
-  if [ -n "${ENCODER_WIDE:-}" ]; then run enc_wide loss.encoder=${ENC_WIDE:?} loss.encoder_weights="$ENCODER_WIDE"; fi
+  if [ -n "${ENCODER_WIDE:-}" ]; then
+    run enc_wide loss.encoder=${ENC_WIDE:-$enc} loss.encoder_weights="$ENCODER_WIDE" \
+        loss.encoder_start_step=${ENCODER_START:-300}
+  fi
 }
 normalization() {  # Table 11: kernel normalisation over both axes, over targets only, none
   for n in xy y none; do run norm_$n "${with_encoder[@]}" loss.normalize=$n; done
