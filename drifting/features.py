@@ -109,17 +109,19 @@ def spatial_std(fmap: Tensor, window: int | None = None) -> Tensor:
 def tap_sets(name: str, fmap: Tensor, subset: Subset = "a-d") -> Iterator[tuple[str, Tensor]]:
     """The keys of one tapped map [N, C, h, w], lazily: each is computed when the iterator reaches it.
 
-    Every key gets its own autograd graph from fmap (a mean and a std share no node), so a consumer may
-    differentiate and free one key before computing the next.
+    The statistics keys share one cast of the map to their dtype (a bf16 map is cast once, not six times; the
+    cast's autograd node holds no tensors). Otherwise every key has its own autograd graph from fmap, so a consumer
+    may differentiate and free one key before computing the next.
     """
     yield name, location_vectors(fmap)
-    yield f"{name}_mean", spatial_mean(fmap)
-    yield f"{name}_std", spatial_std(fmap)
+    f = fmap.to(_stat_dtype(fmap))  # kept while this tap's keys are computed: one map in the statistics dtype
+    yield f"{name}_mean", spatial_mean(f)
+    yield f"{name}_std", spatial_std(f)
     h, w = fmap.shape[-2:]
     for s in PATCH_SIZES[subset]:
         if h % s == 0 and w % s == 0:
-            yield f"{name}_mean_{s}", spatial_mean(fmap, s)
-            yield f"{name}_std_{s}", spatial_std(fmap, s)
+            yield f"{name}_mean_{s}", spatial_mean(f, s)
+            yield f"{name}_std_{s}", spatial_std(f, s)
 
 
 def input_sets(x: Tensor, x_in: Tensor | None, cfg: FeatureConfig = FeatureConfig()) -> Iterator[tuple[str, Tensor]]:

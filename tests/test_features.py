@@ -112,6 +112,27 @@ def test_windows_only_when_divisible_and_stats_in_float32():
     assert keys["t_mean_2"].shape == (2, 9, 4)
 
 
+def test_bf16_statistics_share_one_cast_and_each_key_differentiates_alone():
+    # FeatureDriftLoss differentiates each key right after computing it, before the next key exists.
+    fmap = rand(2, 4, 8, 8, dtype=torch.float32).bfloat16().requires_grad_()
+    reference = {"t": location_vectors, "t_mean": spatial_mean, "t_std": spatial_std,
+                 "t_mean_2": lambda m: spatial_mean(m, 2), "t_std_2": lambda m: spatial_std(m, 2),
+                 "t_mean_4": lambda m: spatial_mean(m, 4), "t_std_4": lambda m: spatial_std(m, 4)}
+    casts = []
+    for key, v in tap_sets("t", fmap, "a-d"):
+        (g,) = torch.autograd.grad(v.float().square().sum(), fmap)
+        alone = fmap.detach().requires_grad_()  # the same key from a map of its own
+        ref = reference.pop(key)(alone)
+        (g_ref,) = torch.autograd.grad(ref.float().square().sum(), alone)
+        assert torch.equal(v, ref) and torch.equal(g, g_ref), key
+        node = v.grad_fn
+        while node is not None and node.name() != "ToCopyBackward0":  # down the first inputs to the cast
+            node = node.next_functions[0][0] if node.next_functions else None
+        if key != "t":
+            casts.append(node)
+    assert not reference and len(casts) == 6 and len({id(n) for n in casts}) == 1  # six statistics, one cast
+
+
 def test_norm_x_rms_and_mean_square():
     x_in = rand(2, 5, 3, 4)
     ms = x_in.square().mean(dim=(2, 3))[:, None, :]
