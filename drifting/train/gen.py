@@ -437,8 +437,9 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         # 3. Log, sample, checkpoint.
         if step_done % t.log_every == 0 or final:
             # Each process's loss is its share of the global sum: summed over processes, it is the step's loss.
-            last = {"loss": float(dist.all_reduce_sum_tensor(total)), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                    "samples_per_s": meter.rate(), "step_ms": 1e3 * (time.perf_counter() - t0)}
+            last = {"loss": float(dist.all_reduce_sum_tensor(total)), "grad_norm": float(grad_norm),
+                    "lr": opt.param_groups[0]["lr"], "samples_per_s": meter.rate(),
+                    "step_ms": 1e3 * (time.perf_counter() - t0)}
             for key, v in info.items():  # scale and drift RMS per temperature show progress; the loss is ~constant
                 last[f"scale/{key}"] = float(v["scale"])
                 for tau, ms in zip(cfg.loss.temperatures, v["drift_ms"].tolist()):
