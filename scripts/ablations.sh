@@ -7,6 +7,7 @@
 #   ENCODER=... bash scripts/ablations.sh antisymmetry normalization                  # some of them
 #   PRESET=cifar10 DATASET=cifar10 DATA=../shared/data/cifar10_jpeg.npz ENC=mae_cifar ENCODER=... bash ...
 #   ENCODER=none PRESET=mnist_cpu STEPS=1000 bash scripts/ablations.sh temperatures   # raw pixels only, CPU scale
+#   GPUS=4 ENCODER=... bash scripts/ablations.sh normalization temperatures            # 4 runs at a time, one per GPU
 set -euo pipefail
 preset=${PRESET:-mnist}; dataset=${DATASET:-mnist}; data=${DATA:-../shared/data/mnist.npz}
 enc=${ENC:-mae_mnist}; encoder=${ENCODER:?ENCODER=<the encoder.pt of drifting train-mae>, or none for raw pixels}
@@ -16,11 +17,18 @@ base=(data.path="$data" train.steps=$steps train.sample_every=0 train.checkpoint
 with_encoder=(loss.encoder=$enc loss.encoder_weights="$encoder" loss.encoder_start_step=${ENCODER_START:-300})
 [ "$encoder" = none ] && with_encoder=()
 
-run() {  # run NAME OVERRIDES...: train, then score alpha 1 and 1.5
+train_and_score() {  # NAME OVERRIDES...: train, then score alpha 1 and 1.5
   local name=$1; shift
   drifting train --preset "gen/$preset" --out "$runs/$name" --no-progress "${base[@]}" "$@"
   drifting eval --evaluator $dataset --data "$data" --ema "$runs/$name/ema.pt" --alphas 1,1.5 \
       --num-per-class 500 --out "$runs/$name/eval"
+}
+# GPUS=N: queue the runs and train them N at a time, one per GPU (run i on GPU i mod N, each GPU's runs in order,
+# logs in $runs/<name>.log); otherwise one after another on the default device.
+gpus=${GPUS:-0}
+queue=()
+run() {
+  if [ "$gpus" -gt 0 ]; then queue+=("$(printf '%q ' "$@")"); else train_and_score "$@"; fi
 }
 
 antisymmetry() {  # Table 1: V+ - V- against scaled attraction or repulsion, and attraction only
@@ -59,6 +67,16 @@ features() {  # feature sets (a,b) / (a-c) / (a-d)
 
 todo=("$@"); [ ${#todo[@]} -gt 0 ] || todo=(antisymmetry allocation encoder normalization temperatures features)
 for a in "${todo[@]}"; do "$a"; done
+if [ "$gpus" -gt 0 ]; then
+  mkdir -p "$runs"
+  for ((g = 0; g < gpus; g++)); do
+    (for ((i = g; i < ${#queue[@]}; i += gpus)); do
+       eval "set -- ${queue[i]}"
+       CUDA_VISIBLE_DEVICES=$g train_and_score "$@" > "$runs/$1.log" 2>&1 || echo "run $1 failed: $runs/$1.log" >&2
+     done) &
+  done
+  wait
+fi
 python - "$runs" <<'PY'
 import json, pathlib, sys
 rows = []
