@@ -16,7 +16,7 @@ from drifting.features import (
     spatial_std,
     tap_sets,
 )
-from drifting.models.resnet_mae import ResNetMAE, ResNetMAEConfig
+from drifting.models.resnet_mae import ResNetMAE, ResNetMAEConfig, resnet_maes
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -159,8 +159,6 @@ def test_every_key_of_the_small_encoders_varies_across_samples(preset):
     # A key that is the same for every sample carries no signal, and its distances are rounding noise that the
     # loss's 1e-4 scale clamp turns into huge gradients. With one channel per GroupNorm group, the spatial mean and
     # std of a stage output were exactly beta and |gamma| (a regression: small generators collapsed).
-    from drifting.models.resnet_mae import resnet_maes
-
     torch.manual_seed(0)
     model = resnet_maes[preset]()
     with torch.no_grad():  # trained-like affine parameters, not the (1, 0) initialisation

@@ -222,8 +222,6 @@ def test_time_limit_is_checked_only_at_its_steps_and_never_when_zero():
 
 
 def test_encoder_start_step_trains_on_the_raw_key_first_then_adds_the_encoder(tmp_path):
-    from drifting.train.log import read_metrics
-
     with_enc = replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny", encoder_weights="random",
                                           encoder_start_step=2))
     main(with_train(with_enc, steps=3), tmp_path / "delayed", progress=False)
