@@ -406,17 +406,14 @@ def drift_loss(
                        self_mask, attraction, repulsion, chunk_size, check_finite)
     if stats is not None and (not isinstance(stats, DriftStats) or stats.drift_ms.shape != (len(temperatures),)):
         raise ValueError(f"stats: expected DriftStats with drift_ms of shape [{len(temperatures)}]")
-    if impl not in ("auto", "reference", "fused"):
-        raise ValueError(f"impl: expected 'auto', 'reference' or 'fused', got {impl!r}")
-    if impl != "reference":
-        from drifting import kernels  # imported here: drift.py itself depends on torch only
+    if _fused(impl, gen, pos, neg):
+        from drifting import kernels
 
-        if kernels.use_fused(impl, gen, pos, neg):
-            return kernels.fused_drift_loss(
-                gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
-                neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
-                attraction=attraction, repulsion=repulsion, all_reduce=all_reduce, stats=stats,
-            )
+        return kernels.fused_drift_loss(
+            gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
+            neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
+            attraction=attraction, repulsion=repulsion, all_reduce=all_reduce, stats=stats,
+        )
     options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
     dtype = _compute_dtype(gen, pos, neg)
     chunks = _chunks(gen.shape[0], chunk_size)
@@ -439,6 +436,17 @@ def drift_loss(
             goal = p.x / s_in + sum(f / r for f, r in zip(forces, rms))
         losses.append((gen[sl].to(dtype) / s_in - goal).square().mean(dim=(1, 2)))
     return torch.cat(losses), {"scale": stats.scale, "drift_ms": stats.drift_ms}
+
+
+def _fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+    """Whether to run the fused kernel (see `drifting.kernels.use_fused`); checks impl."""
+    if impl not in ("auto", "reference", "fused"):
+        raise ValueError(f"impl: expected 'auto', 'reference' or 'fused', got {impl!r}")
+    if impl == "reference":
+        return False
+    from drifting import kernels  # imported here: drift.py itself depends on torch only
+
+    return kernels.use_fused(impl, gen, pos, neg)
 
 
 def _scale_sums(problems, chunks) -> Tensor:
@@ -486,14 +494,20 @@ def scale_sums(
     neg_weight: Tensor | None = None,
     chunk_size: int | None = None,
     check_finite: bool = True,
+    impl: Literal["auto", "reference", "fused"] = "auto",
 ) -> Tensor:
     """First partial sums of the statistics: [sum w d, C_g sum w] (float64, [2]) of these problems.
 
     Add them over class chunks that are never in memory together (and over processes), then pass the total to
-    `field_square_sums` and `DriftStats.from_sums`. Arguments as in `drift_loss`.
+    `field_square_sums` and `DriftStats.from_sums`. Arguments as in `drift_loss` (impl: pass 1 of the fused kernel).
     """
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, (1.0,), "xy", 0.0, 0.0, 1.0, 1.0,
                        chunk_size, check_finite)
+    if _fused(impl, gen, pos, neg):
+        from drifting import kernels
+
+        return kernels.fused_scale_sums(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
+                                        neg_weight=neg_weight)
     problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
     return _scale_sums(problems, _chunks(gen.shape[0], chunk_size))
 
@@ -515,17 +529,26 @@ def field_square_sums(
     repulsion: float = 1.0,
     chunk_size: int | None = None,
     check_finite: bool = True,
+    impl: Literal["auto", "reference", "fused"] = "auto",
 ) -> Tensor:
     """Second partial sums: [sum F_tau^2 for each tau, number of entries] (float64, [R + 1]) of these problems,
-    at the scale given by `total_scale_sums` (the `scale_sums` of the whole batch). Arguments as in `drift_loss`."""
+    at the scale given by `total_scale_sums` (the `scale_sums` of the whole batch). Arguments as in `drift_loss`
+    (impl: pass 2 of the fused kernel)."""
     temperatures = tuple(temperatures)
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
                        self_mask, attraction, repulsion, chunk_size, check_finite)
     if not isinstance(total_scale_sums, Tensor) or total_scale_sums.shape != (2,):
         raise ValueError("total_scale_sums: expected the [2] tensor returned by scale_sums (summed over chunks)")
+    scale = (total_scale_sums[0] / total_scale_sums[1]).to(gen.device)
+    if _fused(impl, gen, pos, neg):
+        from drifting import kernels
+
+        return kernels.fused_square_sums(
+            gen, pos, neg, scale=scale, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
+            neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
+            attraction=attraction, repulsion=repulsion)
     problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
     options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
-    scale = (total_scale_sums[0] / total_scale_sums[1]).to(gen.device)
     return _square_sums(problems, _chunks(gen.shape[0], chunk_size), scale, options)[0]
 
 

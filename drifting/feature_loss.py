@@ -251,12 +251,13 @@ class FeatureDriftLoss:
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
             raise ValueError("stats: expected at least one ClassBatch")
-        options = {k: v for k, v in self.drift_options.items() if k != "impl"}  # statistics: reference code
+        options = self.drift_options  # impl too: on a GPU the partial sums are passes 1 and 2 of the fused kernel
+        impl = options.get("impl", "auto")
         sources = [self._batch_sources(b) for b in batches] if keep_sources else None
 
         # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.
-        scale_sums = self._accumulate(batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw),
-                                      sources)
+        scale_sums = self._accumulate(
+            batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw, impl=impl), sources)
         keys = list(scale_sums)
         packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
                             scale_sums[keys[0]].new_tensor([sum(b.num_classes for b in batches)])])

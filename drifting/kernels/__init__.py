@@ -2,7 +2,9 @@
 
 `drifting.drift.drift_loss(..., impl="auto")` calls the fused Triton kernel for CUDA tensors when Triton is
 installed and the problem fits the kernel (C_g, C_p <= 128, C_n <= 64), and the reference implementation otherwise.
-`impl="fused"` insists (a ValueError says why it cannot run), `impl="reference"` never uses the kernel.
+`impl="fused"` insists (a ValueError says why it cannot run), `impl="reference"` never uses the kernel. The partial
+sums of the statistics over class chunks (`drift.scale_sums`, `drift.field_square_sums`) take the same `impl`: they
+are the kernel's passes 1 and 2.
 """
 
 from __future__ import annotations
@@ -43,5 +45,17 @@ def use_fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
 
 def fused_drift_loss(*args, **kwargs):
     from drifting.kernels.drift_triton import fused_drift_loss as fused
+
+    return fused(*args, **kwargs)
+
+
+def fused_scale_sums(*args, **kwargs):
+    from drifting.kernels.drift_triton import fused_scale_sums as fused
+
+    return fused(*args, **kwargs)
+
+
+def fused_square_sums(*args, **kwargs):
+    from drifting.kernels.drift_triton import fused_square_sums as fused
 
     return fused(*args, **kwargs)

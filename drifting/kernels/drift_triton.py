@@ -285,77 +285,118 @@ class _FusedDriftLoss(torch.autograd.Function):
         return grad.mul_(grad_loss.to(grad.dtype)[:, None, None]), None, None
 
 
+class _Kernel:
+    """The kernel's launch settings for one set of problems, and its three passes."""
+
+    def __init__(self, gen: Tensor, pos: Tensor, neg: Tensor | None, *, temperatures, gen_weight, pos_weight,
+                 neg_weight, normalize, affinity_floor, self_mask, attraction, repulsion, block_s: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None):
+        b, c_g, s = gen.shape
+        c_p = pos.shape[1]
+        c_n = 0 if neg is None else neg.shape[1]
+        has_neg = c_n > 0
+        # bf16 inputs run on bf16 tensor cores; anything else (fp32, fp16, mixed) is computed in full fp32
+        ieee = not all(t.dtype == torch.bfloat16 for t in (gen, pos, neg) if t is not None)
+        dtype = torch.float32 if ieee else torch.bfloat16
+        x = gen.detach().to(dtype)
+        pos = pos.detach().to(dtype)
+        neg = neg.detach().to(dtype) if has_neg else None
+        self.shape, self.num_temperatures, self.device = (b, c_g, s), len(temperatures), gen.device
+        self.f32 = dict(dtype=torch.float32, device=gen.device)
+        weights = [None if w is None else w.detach().float().contiguous() for w in (gen_weight, neg_weight, pos_weight)]
+        if not has_neg:
+            weights[1] = None
+        self.dummy = torch.empty(1, **self.f32)
+        temps = torch.tensor(temperatures, **self.f32)
+        block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
+        large = max(block_g, block_p) > 64
+        # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py, docs/benchmarks.md): 64-wide
+        # tiles of S, one warpgroup, a rolled temperature loop: 28 ms against 41-48 ms for the other settings tried.
+        # Blocks of 128 rows need less shared memory per stage (their fp32 coefficient tiles are dot operands).
+        bs = block_s or (32 if large else 64)
+        warps = num_warps or (8 if large else 4)
+        stages = num_stages or (1 if large else 2)
+        unroll_r = int(os.environ.get("DRIFTING_UNROLL_R", "1"))
+        neg_t = neg if has_neg else x
+        self.common = dict(
+            CG=c_g, CN=c_n, CP=c_p, S=s, sqrt_floor=math.sqrt(affinity_floor), self_mask=float(self_mask),
+            attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
+            NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
+            HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
+            IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages, UNROLL_R=unroll_r,
+        )
+        self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
+        self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
+
+    def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None) -> None:
+        _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
+                                        params, *self.strides, PASS=pass_, WRITE_GRAD=grad is not None,
+                                        **self.common)
+
+    def params(self, scale: Tensor) -> Tensor:
+        """[scale, s_in] as float32 on the device; the statistics never leave the GPU."""
+        scale = scale.to(self.device)
+        return torch.stack([scale, (scale / math.sqrt(self.shape[2])).clamp_min(MIN_SCALE)]).float()
+
+    def scale_sums(self) -> Tensor:
+        """Pass 1: [sum_bij w_bj d_bij, C_g sum_bj w_bj] (float64, [2]), as `drift.scale_sums`."""
+        part = torch.empty(self.shape[0], 2, **self.f32)
+        self.launch(1, part, self.dummy, self.dummy, None)
+        return part.double().sum(0)
+
+    def square_sums(self, scale: Tensor) -> Tensor:
+        """Pass 2: [sum F_tau^2 for each tau, B C_g S] (float64, [R + 1]) at `scale`, as `drift.field_square_sums`."""
+        b, c_g, s = self.shape
+        part = torch.empty(b, self.num_temperatures, **self.f32)
+        self.launch(2, part, self.params(scale), self.dummy, None)
+        count = torch.full((1,), float(b * c_g * s), dtype=torch.float64, device=self.device)
+        return torch.cat([part.double().sum(0), count])
+
+
+_STATS_OPTIONS = dict(temperatures=(1.0,), normalize="xy", affinity_floor=0.0, self_mask=0.0, attraction=1.0,
+                      repulsion=1.0)  # pass 1 reads none of them
+
+
+def fused_scale_sums(gen: Tensor, pos: Tensor, neg: Tensor | None, *, gen_weight, pos_weight, neg_weight) -> Tensor:
+    """`drift.scale_sums` on CUDA (or under TRITON_INTERPRET=1), arguments checked by the caller."""
+    return _Kernel(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight, neg_weight=neg_weight,
+                   **_STATS_OPTIONS).scale_sums()
+
+
+def fused_square_sums(gen: Tensor, pos: Tensor, neg: Tensor | None, *, scale: Tensor, temperatures, gen_weight,
+                      pos_weight, neg_weight, normalize, affinity_floor, self_mask, attraction, repulsion) -> Tensor:
+    """`drift.field_square_sums` at `scale` (the global distance scale) on CUDA, arguments checked by the caller."""
+    kernel = _Kernel(gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
+                     neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
+                     attraction=attraction, repulsion=repulsion)
+    return kernel.square_sums(scale)
+
+
 def fused_drift_loss(
     gen: Tensor, pos: Tensor, neg: Tensor | None, *, temperatures, gen_weight, pos_weight, neg_weight, normalize,
     affinity_floor, self_mask, attraction, repulsion, all_reduce, stats, block_s: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`drift_loss` on CUDA (or under TRITON_INTERPRET=1): same arguments, checked by the caller."""
-    b, c_g, s = gen.shape
-    c_p = pos.shape[1]
-    c_n = 0 if neg is None else neg.shape[1]
-    has_neg = c_n > 0
-    # bf16 inputs run on bf16 tensor cores; anything else (fp32, fp16, mixed) is computed in full fp32
-    ieee = not all(t.dtype == torch.bfloat16 for t in (gen, pos, neg) if t is not None)
-    dtype = torch.float32 if ieee else torch.bfloat16
-    x = gen.detach().to(dtype)
-    pos = pos.detach().to(dtype)
-    neg = neg.detach().to(dtype) if has_neg else None
-    device = gen.device
-    f32 = dict(dtype=torch.float32, device=device)
-    weights = [None if w is None else w.detach().float().contiguous() for w in (gen_weight, neg_weight, pos_weight)]
-    if not has_neg:
-        weights[1] = None
-    dummy = torch.empty(1, **f32)
-    temps = torch.tensor(temperatures, **f32)
-    block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
-    large = max(block_g, block_p) > 64
-    # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py, docs/benchmarks.md): 64-wide
-    # tiles of S, one warpgroup, a rolled temperature loop: 28 ms against 41-48 ms for the other settings tried.
-    # Blocks of 128 rows need less shared memory per stage (their fp32 coefficient tiles are dot operands).
-    bs = block_s or (32 if large else 64)
-    warps = num_warps or (8 if large else 4)
-    stages = num_stages or (1 if large else 2)
-    unroll_r = int(os.environ.get("DRIFTING_UNROLL_R", "1"))
-    neg_t = neg if has_neg else x
-    common = dict(
-        CG=c_g, CN=c_n, CP=c_p, S=s, sqrt_floor=math.sqrt(affinity_floor), self_mask=float(self_mask),
-        attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
-        NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
-        HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
-        IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages, UNROLL_R=unroll_r,
-    )
-    pointers = (x, neg_t, pos, *(w if w is not None else dummy for w in weights), temps)
-    strides = (*x.stride(), *neg_t.stride(), *pos.stride())
-
-    def launch(pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None) -> None:
-        _drift_kernel[(b,)](*pointers, inv_lambda, out, grad if grad is not None else dummy, params, *strides,
-                            PASS=pass_, WRITE_GRAD=grad is not None, **common)
-
-    def scales(scale: Tensor) -> Tensor:
-        """[scale, s_in] as float32 on the device; the statistics never leave the GPU."""
-        return torch.stack([scale, (scale / math.sqrt(s)).clamp_min(MIN_SCALE)]).float()
-
+    kernel = _Kernel(gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
+                     neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
+                     attraction=attraction, repulsion=repulsion, block_s=block_s, num_warps=num_warps,
+                     num_stages=num_stages)
     if stats is None:
-        part = torch.empty(b, 2, **f32)
-        launch(1, part, dummy, dummy, None)
-        sums = part.double().sum(0)
+        sums = kernel.scale_sums()
         if all_reduce is not None:
             sums = all_reduce(sums)
         scale = sums[0] / sums[1]
-        part = torch.empty(b, len(temperatures), **f32)
-        launch(2, part, scales(scale), dummy, None)
-        count = torch.full((1,), float(b * c_g * s), dtype=torch.float64, device=device)
-        squares = torch.cat([part.double().sum(0), count])
+        squares = kernel.square_sums(scale)
         if all_reduce is not None:
             squares = all_reduce(squares)
         stats = DriftStats(scale, squares[:-1] / squares[-1])
-    params = scales(stats.scale.to(device))
-    inv_lambda = stats.drift_rms.to(device).reciprocal().float()
-    loss = torch.empty(b, **f32)
+    b, c_g, s = kernel.shape
+    inv_lambda = stats.drift_rms.to(kernel.device).reciprocal().float()
+    loss = torch.empty(b, **kernel.f32)
     needs_grad = torch.is_grad_enabled() and gen.requires_grad
-    grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=device) if needs_grad else None
-    launch(3, loss, params, inv_lambda, grad)
+    grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=kernel.device) if needs_grad else None
+    kernel.launch(3, loss, kernel.params(stats.scale), inv_lambda, grad)
     info = {"scale": stats.scale, "drift_ms": stats.drift_ms}
     if needs_grad:
         return _FusedDriftLoss.apply(gen, loss, grad), info

@@ -1,0 +1,84 @@
+"""The fused kernel's passes under Triton's CPU interpreter (TRITON_INTERPRET=1), against the reference code.
+
+The GPU tests (test_kernels.py) cover the real kernel at real sizes; these run on any machine with Triton installed
+and check the wiring: the statistics' partial sums over class chunks (`scale_sums`, `field_square_sums`,
+`FeatureDriftLoss.stats`) and the loss take the kernel's passes 1, 2 and 3 with impl="fused" and agree with
+impl="reference". The interpreter is chosen when Triton is imported, hence a child process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+
+CHILD = r'''
+import torch
+from drifting import drift
+from drifting.feature_loss import ClassBatch, FeatureDriftLoss
+from drifting.features import FeatureConfig
+
+def close(a, b, tol, what):
+    err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    assert err < tol, f"{what}: relative error {err:.3g}"
+
+g = torch.Generator().manual_seed(0)
+b, c_g, c_p, c_n, s = 6, 5, 7, 3, 10
+gen = torch.randn(b, c_g, s, generator=g)
+pos = torch.randn(b, c_p, s, generator=g) + 0.3
+neg = torch.randn(b, c_n, s, generator=g)
+w = torch.rand(b, c_n, generator=g) * 3
+opts = dict(temperatures=(0.05, 0.2, 1.0), normalize="xy", affinity_floor=1e-6, self_mask=100.0)
+
+# pass 1 and pass 2, summed over two chunks of problems
+sums = {impl: sum(drift.scale_sums(gen[k], pos[k], neg[k], neg_weight=w[k], impl=impl)
+                  for k in (slice(0, 2), slice(2, 6))) for impl in ("reference", "fused")}
+close(sums["fused"], sums["reference"], 1e-5, "scale_sums")
+squares = {impl: sum(drift.field_square_sums(gen[k], pos[k], neg[k], neg_weight=w[k], total_scale_sums=sums["reference"],
+                                             impl=impl, **opts) for k in (slice(0, 2), slice(2, 6)))
+           for impl in ("reference", "fused")}
+close(squares["fused"], squares["reference"], 1e-4, "field_square_sums")
+for normalize in ("y", "none"):
+    o = dict(opts, normalize=normalize)
+    a, r = (drift.field_square_sums(gen, pos, neg, neg_weight=w, total_scale_sums=sums["reference"], impl=i, **o)
+            for i in ("fused", "reference"))
+    close(a, r, 1e-4, f"field_square_sums normalize={normalize}")
+
+# the loss (pass 3) with those statistics, and its gradient
+stats = drift.DriftStats.from_sums(sums["reference"], squares["reference"])
+out = {}
+for impl in ("reference", "fused"):
+    leaf = gen.clone().requires_grad_()
+    loss, _ = drift.drift_loss(leaf, pos, neg, neg_weight=w, stats=stats, impl=impl, **opts)
+    loss.sum().backward()
+    out[impl] = (loss.detach(), leaf.grad)
+close(out["fused"][0], out["reference"][0], 1e-4, "loss")
+close(out["fused"][1], out["reference"][1], 1e-4, "gradient")
+
+# FeatureDriftLoss.stats over class chunks: raw samples, 3 classes in chunks of 1 and 2
+x = torch.randn(3 * 4, 1, 4, 4, generator=g)
+p = torch.randn(3 * 5, 1, 4, 4, generator=g)
+n = torch.randn(3 * 2, 1, 4, 4, generator=g)
+cw = torch.tensor([1.0, 2.0, 0.5])
+chunks = [ClassBatch(x[:4], p[:5], n[:2], cw[:1]), ClassBatch(x[4:], p[5:], n[2:], cw[1:])]
+fs = {impl: FeatureDriftLoss(None, FeatureConfig(), impl=impl, **opts).stats(chunks) for impl in ("reference", "fused")}
+for key, st in fs["reference"].keys.items():
+    close(fs["fused"].keys[key].scale, st.scale, 1e-5, f"{key} scale")
+    close(fs["fused"].keys[key].drift_ms, st.drift_ms, 1e-4, f"{key} drift_ms")
+assert fs["fused"].num_classes == 3
+print("ok")
+'''
+
+
+def test_fused_passes_equal_reference_under_the_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
