@@ -9,7 +9,7 @@
 #   ENCODER=none PRESET=mnist_cpu STEPS=1000 bash scripts/ablations.sh temperatures   # raw pixels only, CPU scale
 #   GPUS=4 ENCODER=... bash scripts/ablations.sh normalization temperatures            # 4 runs at a time, one per GPU
 #   LANES="0 0 0 1 1 1" ENCODER=none bash scripts/ablations.sh seeds allocation        # 3 runs at a time on each GPU
-#     (gen/mnist: 4-5 runs share an H200 of 140 GiB at ~0.6 s/step each against 0.25 s alone; 9 ran out of memory)
+#     (gen/mnist: 4-5 runs share an H200 of 140 GiB at 0.5-0.8 s/step each against 0.25 s alone; 9 ran out of memory)
 #
 # The preset's own run is trained once and shared by the ablations that compare against it: "base" (raw pixels) or,
 # with an encoder, "base_mae"; `seeds` trains it again with seeds 1 and 2, the noise that differences must exceed.
