@@ -176,7 +176,8 @@ def main() -> None:
                     x = generate(inputs)
                 mark("generator forward")
                 with autocast, record_function("loss call"):
-                    loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
+                    loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
+                                      chunk=k)
                 mark("loss call")
                 with record_function("backward"):
                     (loss * world).backward()

@@ -70,10 +70,14 @@ class ClassBatch(NamedTuple):
 
 
 class FeatureStats(NamedTuple):
-    """Global statistics of one step: per key its DriftStats, and N_c over all chunks and processes."""
+    """Global statistics of one step: per key its DriftStats, and N_c over all chunks and processes.
+
+    real_sources: with `stats(keep_sources=True)`, the encoder's taps of each batch's real samples (no graph), which
+    the loss call of batch k reuses when given `chunk=k` instead of running the encoder on them again."""
 
     keys: dict[str, DriftStats]
     num_classes: int
+    real_sources: tuple[dict[str, Tensor], ...] | None = None
 
 
 class FeatureDriftLoss:
@@ -172,6 +176,7 @@ class FeatureDriftLoss:
         num_classes: int | None = None,
         stats: FeatureStats | None = None,
         all_reduce: AllReduce | None = None,
+        chunk: int | None = None,
     ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
         """The loss of one batch of classes (or of one chunk / one process's share, see the module docstring).
 
@@ -183,6 +188,8 @@ class FeatureDriftLoss:
             stats: global statistics from `stats` (classes processed in chunks); the per-key mean then divides by
                 stats.num_classes * L.
             all_reduce: sums partial sums over processes (`drift.all_reduce_sum()`); not with `stats`.
+            chunk: this batch's index in the batches given to `stats`; with stats from `keep_sources=True`, the taps
+                of its real samples (pos, neg: the same tensors as then) are taken from the stats, not recomputed.
 
         Returns:
             loss: scalar, sum over keys of (sum of this batch's key losses / global number of problems of the key).
@@ -193,9 +200,19 @@ class FeatureDriftLoss:
         if stats is not None and all_reduce is not None:
             raise ValueError("all_reduce: not needed with stats (they are already global)")
         need_grad = torch.is_grad_enabled() and gen.requires_grad
-        real = pos if neg is None else torch.cat([pos, neg])
-        with torch.no_grad():
-            real_sources = self._sources(real)
+        if chunk is not None and stats is not None and stats.real_sources is not None:
+            if not 0 <= chunk < len(stats.real_sources):
+                raise ValueError(f"chunk: expected an index below {len(stats.real_sources)} (the batches given to "
+                                 f"stats), got {chunk}")
+            real_sources = stats.real_sources[chunk]
+            real_count = next(iter(real_sources.values())).shape[0]
+            if real_count != pos.shape[0] + (0 if neg is None else neg.shape[0]):
+                raise ValueError(f"chunk {chunk}: the statistics hold {real_count} real samples for it, "
+                                 f"got {pos.shape[0]} positives and {0 if neg is None else neg.shape[0]} negatives")
+        else:
+            real = pos if neg is None else torch.cat([pos, neg])
+            with torch.no_grad():
+                real_sources = self._sources(real)
         sources = self._sources(gen)
         # Keys are computed from detached copies of the sources; their gradients are collected per key and handed to
         # the graph-carrying sources (and through the encoder to gen) in one backward by _WithGradients.
@@ -247,6 +264,7 @@ class FeatureDriftLoss:
         traversed twice) of `ClassBatch`, gen detached or not. keep_sources: run the encoders once per batch and
         keep every batch's taps for the second pass (one encoder pass less, memory for the taps of all batches at
         once); by default each pass runs the encoders again and only one batch's taps exist at a time. Same result.
+        With keep_sources the real samples' taps stay in the returned stats for the loss calls (`chunk=k`).
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
@@ -277,7 +295,8 @@ class FeatureDriftLoss:
         if all_reduce is not None:
             packed = all_reduce(packed)
         return FeatureStats(
-            {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}, num_classes
+            {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}, num_classes,
+            None if sources is None else tuple(real for _, real in sources),
         )
 
     def _batch_sources(self, b: ClassBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

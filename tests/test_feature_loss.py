@@ -55,14 +55,15 @@ def whole(fdl=None, inputs=None):
     return loss.detach(), info, gen.grad
 
 
-def chunked(fdl, gen, pos, neg, w, chunks, all_reduce=None):
-    """Class chunks with exact statistics and gradient accumulation into gen.grad."""
+def chunked(fdl, gen, pos, neg, w, chunks, all_reduce=None, keep_sources=False):
+    """Class chunks with exact statistics and gradient accumulation into gen.grad (keep_sources: the loss calls
+    reuse the real samples' taps of the statistics pass)."""
     gen = gen.detach().clone().requires_grad_()
     stats = fdl.stats([ClassBatch(*chunk_of(gen.detach(), pos, neg, w, lo, hi)) for lo, hi in chunks],
-                      all_reduce=all_reduce)
+                      all_reduce=all_reduce, keep_sources=keep_sources)
     total, infos = 0.0, []
-    for lo, hi in chunks:
-        loss, info = fdl(*chunk_of(gen, pos, neg, w, lo, hi), stats=stats)
+    for k, (lo, hi) in enumerate(chunks):
+        loss, info = fdl(*chunk_of(gen, pos, neg, w, lo, hi), stats=stats, chunk=k)
         loss.backward()  # gradient accumulation: gen.grad sums the chunks' contributions
         total, infos = total + loss.detach(), infos + [info]
     return total, infos, gen.grad, stats
@@ -129,6 +130,23 @@ def test_stats_keeping_the_sources_equal_recomputing_them_with_one_encoder_pass_
     assert kept.num_classes == recomputed.num_classes == N_C and list(kept.keys) == list(recomputed.keys)
     for key, s in recomputed.keys.items():
         assert torch.equal(kept.keys[key].scale, s.scale) and torch.equal(kept.keys[key].drift_ms, s.drift_ms)
+
+
+def test_loss_calls_reusing_the_real_taps_of_the_stats_equal_recomputing_them():
+    fdl = FeatureDriftLoss(make_encoder())
+    inputs, chunks = make_inputs(), [(0, 1), (1, 4)]
+    total, _, grad, _ = chunked(fdl, *inputs, chunks=chunks)
+    calls, taps = [], fdl.encoder.taps
+    fdl.encoder.taps = lambda x: calls.append(x.shape[0]) or taps(x)  # count the encoder's runs and their samples
+    kept_total, _, kept_grad, stats = chunked(fdl, *inputs, chunks=chunks, keep_sources=True)
+    assert torch.equal(kept_total, total) and torch.equal(kept_grad, grad)
+    assert len(stats.real_sources) == 2
+    assert calls == [C_G, C_P + C_N, 3 * C_G, 3 * (C_P + C_N), C_G, 3 * C_G]  # the loss calls: generated only
+    gen, pos, neg, w = inputs
+    with pytest.raises(ValueError, match="chunk"):
+        fdl(*chunk_of(gen, pos, neg, w, 0, 1), stats=stats, chunk=2)
+    with pytest.raises(ValueError, match="real samples"):
+        fdl(*chunk_of(gen, pos, neg, w, 0, 1), stats=stats, chunk=1)  # chunk 1 holds 3 classes
 
 
 def test_encoder_is_frozen_but_passes_gradient():

@@ -120,7 +120,8 @@ class TrainConfig:
     uncond_per_class: int = 4  # C_n
     class_chunk: int | None = None  # classes per gradient-accumulation chunk on each process (None: all at once)
     # With class chunks: run the encoders once in the statistics pass, holding every chunk's features between its two
-    # passes (memory for the features of all local classes at once), instead of once per pass. Same statistics.
+    # passes (memory for the features of all local classes at once), instead of once per pass, and keep the real
+    # samples' features for the loss calls (one encoder forward on them less per chunk). Same loss bit for bit.
     stats_keep_features: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
@@ -420,7 +421,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 # The encoders run under the same autocast as the generator (the authors' MAE runs in bf16; the
                 # ConvNeXt adapter keeps fp32 itself); the drifting math inside the loss is fp32 whatever the keys.
                 with autocast:
-                    loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None)
+                    loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
+                                           chunk=k)  # with stats_keep_features: the real taps of the stats pass
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
             total = loss.detach() if total is None else total + loss.detach()  # read only when logged
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
