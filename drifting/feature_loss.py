@@ -277,11 +277,12 @@ class FeatureDriftLoss:
         scale_sums = self._accumulate(
             batches, lambda g, p, n, nw, key: drift.scale_sums(g, p, n, neg_weight=nw, impl=impl), sources)
         keys = list(scale_sums)
+        num_classes = sum(b.num_classes for b in batches)
         packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
-                            scale_sums[keys[0]].new_tensor([sum(b.num_classes for b in batches)])])
+                            scale_sums[keys[0]].new_tensor([num_classes])])
         if all_reduce is not None:
             packed = all_reduce(packed)
-        num_classes = round(packed[-1].item())
+            num_classes = round(packed[-1].item())  # the global count; the only host sync, and only with processes
         global_scale_sums = dict(zip(keys, packed[:-1].view(len(keys), 2)))
 
         # Pass 2: sum of squared fields per temperature and the number of field entries, at the global scale.
