@@ -164,6 +164,25 @@ def test_smoke_training_and_evaluation(tmp_path, method, positives):
     assert chunk_latency(policy, repeats=2, warmup=1)["median_ms"] > 0
 
 
+@pytest.mark.parametrize("method", ["drift", "ddpm"])
+def test_bf16_runs_the_network_in_bf16_and_the_loss_in_fp32(tmp_path, method):
+    path = synthetic_zarr(tmp_path / "tiny.zarr")
+    runs = {}
+    for bf16 in (False, True):
+        train = PolicyTrainConfig(method=method, k_pos=4, gen_per_obs=4, batch=8, steps=2, log_every=1,
+                                  warmup_steps=1, ddpm_steps=5, device="cpu", bf16=bf16)
+        dtypes = []
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: dtypes.append(o.dtype) if isinstance(m, torch.nn.Conv1d) else None)
+        try:
+            last = main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / f"{bf16}")
+        finally:
+            hook.remove()
+        runs[bf16] = (last["loss"], set(dtypes))
+    assert runs[False][1] == {torch.float32} and runs[True][1] == {torch.bfloat16}
+    assert np.isfinite(runs[True][0]) and runs[True][0] == pytest.approx(runs[False][0], rel=0.05)
+
+
 def test_time_limit_ends_with_the_export(tmp_path):
     path = synthetic_zarr(tmp_path / "tiny.zarr")
     train = PolicyTrainConfig(k_pos=4, gen_per_obs=4, batch=8, steps=6, log_every=2, warmup_steps=1, device="cpu",

@@ -54,6 +54,9 @@ class PolicyTrainConfig:
     ema_decay: float = 0.995
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     ddpm_steps: int = 100
+    # bf16 autocast of the network (the drifting loss and the DDPM loss stay fp32): the U-Net at Diffusion Policy's
+    # widths is compute-bound on a GPU at the drifting batch (B C_g chunks per step). Off: the measured runs were fp32.
+    bf16: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     log_every: int = 50
@@ -164,6 +167,7 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
     logger, meter, last = RunLogger(run_dir, use_tensorboard=False), Throughput(), {}
     H, D = cfg.data.pred_horizon, policy.action_dim
     limit, done = TimeLimit(t.time_limit_min, every=t.log_every), start
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=t.bf16)
 
     for step in range(start, t.steps):
         t0 = time.perf_counter()
@@ -175,8 +179,9 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
         if t.method == "drift":
             # C_g generated chunks per problem, all from one forward pass
             noise = torch.randn(t.batch * t.gen_per_obs, H, D, generator=g).to(device)
-            gen = policy.generate(cond.repeat_interleave(t.gen_per_obs, 0), noise)  # (B C_g, H, D)
-            gen = gen.reshape(t.batch, t.gen_per_obs, H * D)  # (B, C_g, S)
+            with autocast:
+                gen = policy.generate(cond.repeat_interleave(t.gen_per_obs, 0), noise)  # (B C_g, H, D)
+            gen = gen.float().reshape(t.batch, t.gen_per_obs, H * D)  # (B, C_g, S)
             if neighbours is not None:
                 pos = chunks_all[neighbours[idx].to(device)].flatten(2)  # (B, K, S)
             else:
@@ -186,7 +191,9 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
         else:
             noise = torch.randn(target.shape, generator=g).to(device)
             tt = torch.randint(policy.ddpm.steps, (t.batch,), generator=g).to(device)
-            loss = F.mse_loss(policy.net(policy.ddpm.add_noise(target, noise, tt), cond, tt), noise)
+            with autocast:
+                pred = policy.net(policy.ddpm.add_noise(target, noise, tt), cond, tt)
+            loss = F.mse_loss(pred.float(), noise)
             info = {}
         opt.zero_grad(set_to_none=True)
         loss.backward()
