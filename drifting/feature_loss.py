@@ -113,6 +113,15 @@ class FeatureDriftLoss:
         self.drift_options = drift_options
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
 
+    def compile_encoders(self, **options) -> None:
+        """torch.compile the `taps` of every tap encoder (its GroupNorms and activations fuse around the convolutions).
+
+        The same keys to float rounding; one compilation per input shape and grad mode (generated samples with
+        gradient, real ones and the statistics pass without). options: passed to torch.compile."""
+        for encoder in self.encoders:
+            if hasattr(encoder, "taps") and not hasattr(encoder, "feature_sets"):
+                encoder.taps = torch.compile(encoder.taps, **options)  # an instance attribute over the method
+
     # -----------------------------------------------------------------------------------------------------------------
     # Features -> problems
     # -----------------------------------------------------------------------------------------------------------------

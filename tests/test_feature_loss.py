@@ -278,3 +278,15 @@ def test_a_tap_encoder_and_an_own_key_encoder_give_the_pixel_key_set_exactly_ove
     (grad_chunks,) = torch.autograd.grad(total, gen)
     torch.testing.assert_close(total, loss, rtol=1e-10, atol=0)
     torch.testing.assert_close(grad_chunks, grad_whole, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.slow  # torch.compile of the encoder on the CPU: ~1 minute
+def test_compiled_encoder_gives_the_same_loss_and_gradient():
+    loss, info, grad = whole(FeatureDriftLoss(make_encoder()))
+    fdl = FeatureDriftLoss(make_encoder())
+    fdl.compile_encoders()
+    assert fdl.encoder.taps is not type(fdl.encoder).taps  # the instance's taps is the compiled one
+    compiled_loss, compiled_info, compiled_grad = whole(fdl)
+    assert list(compiled_info) == list(info)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled_grad, grad, rtol=1e-4, atol=1e-8)

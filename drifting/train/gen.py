@@ -139,7 +139,8 @@ class TrainConfig:
     # "ddp": every process holds the whole generator. "fsdp": FSDP2 shards the generator, its EMA copies and the
     # optimiser state per transformer block (for generators that do not fit once per GPU, e.g. L/2 at large batch).
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    compile: bool = False
+    compile: bool = False  # torch.compile the generator
+    compile_encoder: bool = False  # torch.compile the feature encoder's forward (FeatureDriftLoss.compile_encoders)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 0  # 0: only at the end
@@ -321,6 +322,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     if strategy == "fsdp":
         emas = {d: wrap_model(e, strategy="fsdp", device=device) for d, e in emas.items()}
     loss_fn = build_loss(cfg.loss, shape, device)
+    if t.compile_encoder:
+        loss_fn.compile_encoders()
     # the raw key alone, for the steps before loss.encoder_start_step
     raw_loss_fn = (build_loss(replace(cfg.loss, encoder=None, convnext_weights=None), shape, device)
                    if cfg.loss.encoder_start_step else loss_fn)
