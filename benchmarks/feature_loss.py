@@ -3,9 +3,11 @@ and 16 unconditional samples each, on 32x32x4 latents, with the MAE-256 encoder 
 
     python benchmarks/feature_loss.py --impl reference --out feature_loss.json
     python benchmarks/feature_loss.py --encoder mae_tiny --classes 2 --device cpu --iters 1   # smoke test
+    python benchmarks/feature_loss.py --impl fused --stats-chunks 16   # also the statistics pass over 16 chunks
 
 "whole" = one call over all keys (encoder forward on the real and generated samples, 86 drift losses, backward
-through the encoder to the generated samples).
+through the encoder to the generated samples). --stats-chunks K also times `FeatureDriftLoss.stats` over the same
+classes in K chunks (the statistics pass of class-chunked training; with --impl fused, passes 1 and 2 of the kernel).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from drifting.feature_loss import FeatureDriftLoss
+from drifting.feature_loss import ClassBatch, FeatureDriftLoss
 from drifting.models.resnet_mae import resnet_maes
 
 
@@ -27,8 +29,11 @@ def main() -> None:
     parser.add_argument("--impl", default="reference", choices=["reference", "fused", "auto"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--stats-chunks", type=int, default=0, help="also time stats() over this many class chunks")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
+        parser.error(f"--stats-chunks: expected a divisor of --classes {args.classes}, got {args.stats_chunks}")
     cuda = args.device == "cuda"
     encoder = resnet_maes[args.encoder]().to(args.device)
     cfg = encoder.cfg
@@ -64,10 +69,27 @@ def main() -> None:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"FeatureDriftLoss ({args.impl}), {args.encoder}, {n_c} classes x 64/64/16, {len(info)} keys, {card}: "
           f"{ms:.0f} ms per forward + backward, peak {peak:.1f} GiB")
+    result = {"card": card, "encoder": args.encoder, "classes": n_c, "impl": args.impl, "keys": len(info), "ms": ms,
+              "peak_gib": peak}
+    if args.stats_chunks:
+        k = n_c // args.stats_chunks  # classes per chunk
+        batches = [ClassBatch(gen.detach()[i * 64:(i + k) * 64], pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16],
+                              w[i:i + k]) for i in range(0, n_c, k)]
+        with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
+            loss_fn.stats(batches)  # warm-up (kernel compilation)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                loss_fn.stats(batches)
+            if cuda:
+                torch.cuda.synchronize()
+        result["stats_ms"] = 1e3 * (time.perf_counter() - t0) / args.iters
+        result["stats_chunks"] = args.stats_chunks
+        print(f"statistics pass over {args.stats_chunks} chunks of {k} classes: {result['stats_ms']:.0f} ms")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": card, "encoder": args.encoder, "classes": n_c, "impl": args.impl, "keys": len(info),
-                       "ms": ms, "peak_gib": peak}, f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
