@@ -95,9 +95,7 @@ def main() -> None:
     train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
     if args.compile:
         train_model = torch.compile(train_model)
-    loss_fn = build_loss(cfg.loss, shape, device)
-    if t.compile_encoder:  # train.compile_encoder=true
-        loss_fn.compile_encoders()
+    loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder)  # train.compile_encoder=true
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     # Random "real" samples of the right shape fill the queues (float latents; pixels are stored as uint8).
     pixels = cfg.data.dataset != "latents"

@@ -244,8 +244,10 @@ def build_model(cfg: GenConfig, num_classes: int, shape: tuple[int, ...]) -> tor
                            bf16=m.bf16, attn_fp32=m.attn_fp32, **overrides)
 
 
-def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device) -> FeatureDriftLoss:
-    """FeatureDriftLoss over the encoder's keys, or over the raw samples (encoder None)."""
+def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device, *,
+               compile_encoder: bool = False) -> FeatureDriftLoss:
+    """FeatureDriftLoss over the encoder's keys, or over the raw samples (encoder None); compile_encoder:
+    torch.compile the encoder's taps (`FeatureDriftLoss.compile_encoders`)."""
     encoder = None
     if cfg.encoder is not None:
         if cfg.encoder_weights is None:
@@ -280,9 +282,12 @@ def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device) ->
                     else ConvNeXtV2Features.from_file(cfg.convnext_weights, adapter_configs["convnextv2_base"]))
         encoders.append(convnext.to(device))
     features = FeatureConfig(subset=cfg.subset, use_norm_x=encoder is not None)
-    return FeatureDriftLoss(encoders or None, features, temperatures=cfg.temperatures, normalize=cfg.normalize,
+    loss = FeatureDriftLoss(encoders or None, features, temperatures=cfg.temperatures, normalize=cfg.normalize,
                             affinity_floor=cfg.affinity_floor, attraction=cfg.attraction, repulsion=cfg.repulsion,
                             impl=cfg.impl, check_finite=False)
+    if compile_encoder:
+        loss.compile_encoders()
+    return loss
 
 
 def step_generator(seed: int, step: int, purpose: int) -> torch.Generator:
@@ -321,9 +326,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     train_model = wrap_model(model, strategy=strategy, device=device)
     if strategy == "fsdp":
         emas = {d: wrap_model(e, strategy="fsdp", device=device) for d, e in emas.items()}
-    loss_fn = build_loss(cfg.loss, shape, device)
-    if t.compile_encoder:
-        loss_fn.compile_encoders()
+    loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder)
     # the raw key alone, for the steps before loss.encoder_start_step
     raw_loss_fn = (build_loss(replace(cfg.loss, encoder=None, convnext_weights=None), shape, device)
                    if cfg.loss.encoder_start_step else loss_fn)
