@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -234,12 +235,25 @@ def main() -> None:
     if args.profile:  # one more step under the profiler: which operators take the time, by GPU time
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
+            start = time.perf_counter()
             step(20_000)
             sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
-                                          max_name_column_width=70)
+            wall_ms = (time.perf_counter() - start) * 1e3
+        averages = prof.key_averages()
+        # The GPU's busy time (the kernels' own time, one stream) against the wall time of the step: a step far
+        # longer than its kernels is bound by the host (Python and kernel launches), not by the GPU.
+        device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+                         and not getattr(e, "is_user_annotation", False) and "annotation" not in e.name]
+        busy_ms = sum(e.time_range.elapsed_us() for e in device_events) / 1e3
+        launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+        head = (f"profiled step: {wall_ms:.0f} ms wall, {busy_ms:.0f} ms of GPU kernels ({busy_ms / wall_ms:.0%}), "
+                f"{launches} kernel launches\n\n")
+        table = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
+                               max_name_column_width=70)
+        host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
         if dist.is_main():
-            Path(args.profile).write_text(table + "\n")
+            Path(args.profile).write_text(head + table + "\n\nBy host time:\n" + host + "\n")
+            print(head.strip())
 
     # FLOPs of one process's step (issue 10's count), at the local batch.
     flops = {}

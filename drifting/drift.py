@@ -468,7 +468,8 @@ def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list
         for sl in chunks:
             p = problems(sl)
             forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale.to(p.x.dtype), *options)
-            part = torch.stack([f.square().sum().double() for f in forces] + [p.x.new_tensor(p.x.numel()).double()])
+            # the count as a fill on the device: a copy from a host number would wait for the GPU (a sync per key)
+            part = torch.stack([f.square().sum().double() for f in forces] + [torch.full((), p.x.numel(), dtype=torch.float64, device=p.x.device)])
             squares = part if squares is None else squares + part
     return squares, forces
 

@@ -278,8 +278,11 @@ class FeatureDriftLoss:
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
             raise ValueError("stats: expected at least one ClassBatch")
-        options = self.drift_options  # impl too: on a GPU the partial sums are passes 1 and 2 of the fused kernel
-        impl = options.get("impl", "auto")
+        # The partial sums run the reference math unless impl="fused" is asked for: on an H200, at the ablation
+        # sizes (86 keys, chunks of 4 classes), passes 1 and 2 of the fused kernel took 3.0 s for what the
+        # reference's batched matrix products do in 1.9 s (docs/benchmarks.md); "auto" therefore means reference here.
+        impl = "fused" if self.drift_options.get("impl") == "fused" else "reference"
+        options = {**self.drift_options, "impl": impl}
         sources = [self._batch_sources(b) for b in batches] if keep_sources else None
 
         # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.

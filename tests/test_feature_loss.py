@@ -132,6 +132,23 @@ def test_stats_keeping_the_sources_equal_recomputing_them_with_one_encoder_pass_
         assert torch.equal(kept.keys[key].scale, s.scale) and torch.equal(kept.keys[key].drift_ms, s.drift_ms)
 
 
+def test_stats_take_the_reference_math_unless_the_fused_kernel_is_asked_for(monkeypatch):
+    # On a GPU "auto" would pick the kernel; its passes 1 and 2 were slower than the reference at the ablation sizes
+    # (docs/benchmarks.md), so the statistics pass must not take them unless impl="fused".
+    from drifting import kernels
+    called = []
+    monkeypatch.setattr(kernels, "use_fused", lambda impl, *a: called.append(impl) or True)
+    monkeypatch.setattr(kernels, "fused_scale_sums", lambda *a, **k: pytest.fail("the kernel's pass 1 ran"))
+    gen, pos, neg, w = make_inputs()
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 4)]]
+    stats = FeatureDriftLoss(make_encoder(), impl="auto").stats(batches)
+    assert stats.num_classes == N_C and called == []
+    monkeypatch.setattr(kernels, "fused_scale_sums", lambda *a, **k: called.append("pass 1") or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        FeatureDriftLoss(make_encoder(), impl="fused").stats(batches)
+    assert called[-1] == "pass 1"
+
+
 def test_loss_calls_reusing_the_real_taps_of_the_stats_equal_recomputing_them():
     fdl = FeatureDriftLoss(make_encoder())
     inputs, chunks = make_inputs(), [(0, 1), (1, 4)]

@@ -255,6 +255,18 @@ def _drift_kernel(
             tl.store(out_ptr + b, tl.sum(loss, axis=0) / (CG * S))
 
 
+_TEMPERATURES: dict[tuple, Tensor] = {}
+
+
+def _temperatures(temperatures: tuple[float, ...], device: torch.device) -> Tensor:
+    """The temperatures as a float32 tensor on the device, made once: building it from host numbers at every call
+    is a copy that waits for the GPU to finish its queue (one host sync per key and pass, ~1,000 per step)."""
+    key = (temperatures, device)
+    if key not in _TEMPERATURES:
+        _TEMPERATURES[key] = torch.tensor(temperatures, dtype=torch.float32, device=device)
+    return _TEMPERATURES[key]
+
+
 def _next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
@@ -307,7 +319,7 @@ class _Kernel:
         if not has_neg:
             weights[1] = None
         self.dummy = torch.empty(1, **self.f32)
-        temps = torch.tensor(temperatures, **self.f32)
+        temps = _temperatures(tuple(temperatures), gen.device)
         block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
         large = max(block_g, block_p) > 64
         # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py, docs/benchmarks.md): 64-wide
