@@ -7,7 +7,8 @@ and 16 unconditional samples each, on 32x32x4 latents, with the MAE-256 encoder 
 
 "whole" = one call over all keys (encoder forward on the real and generated samples, 86 drift losses, backward
 through the encoder to the generated samples). --stats-chunks K also times `FeatureDriftLoss.stats` over the same
-classes in K chunks (the statistics pass of class-chunked training; with --impl fused, passes 1 and 2 of the kernel).
+classes in K chunks (the statistics pass of class-chunked training; with --impl fused, passes 1 and 2 of the kernel;
+with --group-keys, one call per tap and pass, the tap's keys stacked).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--stats-chunks", type=int, default=0, help="also time stats() over this many class chunks")
+    parser.add_argument("--group-keys", action="store_true", help="stats(group_keys=True): one call per tap and pass")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
@@ -76,16 +78,17 @@ def main() -> None:
         batches = [ClassBatch(gen.detach()[i * 64:(i + k) * 64], pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16],
                               w[i:i + k]) for i in range(0, n_c, k)]
         with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
-            loss_fn.stats(batches)  # warm-up (kernel compilation)
+            loss_fn.stats(batches, group_keys=args.group_keys)  # warm-up (kernel compilation)
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.iters):
-                loss_fn.stats(batches)
+                loss_fn.stats(batches, group_keys=args.group_keys)
             if cuda:
                 torch.cuda.synchronize()
         result["stats_ms"] = 1e3 * (time.perf_counter() - t0) / args.iters
         result["stats_chunks"] = args.stats_chunks
+        result["group_keys"] = args.group_keys
         print(f"statistics pass over {args.stats_chunks} chunks of {k} classes: {result['stats_ms']:.0f} ms")
     if args.out:
         with open(args.out, "w") as f:

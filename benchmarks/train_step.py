@@ -167,7 +167,8 @@ def main() -> None:
                 with record_function("statistics pass: generator"):
                     batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
                 with autocast, record_function("statistics pass: loss.stats"):
-                    stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features)
+                    stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
+                                         group_keys=t.stats_group_keys)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):

@@ -331,8 +331,10 @@ def _coordinate_scale(scale: Tensor, dim: int) -> Tensor:
 
 
 def _forces(p: _Problems, dist: Tensor, scale: Tensor, temperatures, normalize, floor, self_mask, attraction, repulsion):
-    """Per temperature, the field in scaled coordinates: list of R tensors [b, C_g, S]."""
+    """Per temperature, the field in scaled coordinates: list of R tensors [b, C_g, S]. scale: a scalar, or one
+    per problem [b] (problems of several keys stacked, each at its own key's scale)."""
     n, dim = p.x.shape[1], p.x.shape[2]
+    scale = scale.reshape(-1, 1, 1)
     s_in = _coordinate_scale(scale, dim).to(p.x.dtype)
     normalized = dist / scale.clamp_min(MIN_SCALE).to(p.x.dtype) + _self_mask(n, dist.shape[-1], self_mask, dist)
     x_hat, targets_hat = p.x / s_in, p.targets / s_in
@@ -450,36 +452,55 @@ def _fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
 
 
 def _scale_sums(problems, chunks) -> Tensor:
-    """[sum_{b,i,j} w_bj d_bij, C_g sum_{b,j} w_bj] (float64) over the chunks: scale = first / second."""
-    sums = None
+    """Per problem [sum_{i,j} w_bj d_bij, C_g sum_j w_bj] (float64, [B, 2]): scale = first / second, summed."""
+    parts = []
     with torch.no_grad():
         for sl in chunks:
             p = problems(sl)
             dist = pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE)
-            part = torch.stack([(dist * p.weight[:, None, :]).sum().double(), p.x.shape[1] * p.weight.sum().double()])
-            sums = part if sums is None else sums + part
-    return sums
+            parts.append(torch.stack([(dist * p.weight[:, None, :]).sum(dim=(1, 2)),
+                                      p.x.shape[1] * p.weight.sum(dim=1)], dim=1).double())
+    return torch.cat(parts)
 
 
 def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list[Tensor]]:
-    """[sum F_tau^2 for each tau, number of field entries] (float64) at this scale, and the last chunk's forces."""
-    squares, forces = None, []
+    """Per problem [sum F_tau^2 for each tau, number of field entries] (float64, [B, R + 1]) at this scale (a
+    scalar, or one per problem [B]), and the last chunk's forces."""
+    parts, forces = [], []
     with torch.no_grad():
         for sl in chunks:
             p = problems(sl)
-            forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale.to(p.x.dtype), *options)
+            chunk_scale = scale if scale.dim() == 0 else scale[sl]
+            forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), chunk_scale.to(p.x.dtype),
+                             *options)
+            squares = torch.stack([f.square().sum(dim=(1, 2)) for f in forces], dim=1).double()
             # the count as a fill on the device: a copy from a host number would wait for the GPU (a sync per key)
-            part = torch.stack([f.square().sum().double() for f in forces] + [torch.full((), p.x.numel(), dtype=torch.float64, device=p.x.device)])
-            squares = part if squares is None else squares + part
-    return squares, forces
+            parts.append(torch.nn.functional.pad(squares, (0, 1), value=p.x.shape[1] * p.x.shape[2]))
+    return torch.cat(parts), forces
+
+
+def _segment_sums(per_problem: Tensor, groups: Sequence[int] | None) -> Tensor:
+    """[B, m] -> [m] summed over all problems (groups None), or [K, m] summed over K consecutive groups of problems."""
+    if groups is None:
+        return per_problem.sum(0)
+    return torch.stack([part.sum(0) for part in per_problem.split(list(groups))])
+
+
+def _check_groups(groups: Sequence[int] | None, num_problems: int) -> None:
+    if groups is None:
+        return
+    if not all(isinstance(k, int) and k >= 1 for k in groups) or sum(groups) != num_problems:
+        raise ValueError(f"groups: expected positive problem counts summing to the {num_problems} problems, "
+                         f"got {list(groups)}")
 
 
 def _stats(problems, chunks, options, all_reduce, keep_forces):
     """Two passes over the chunks: the distance scale, then the mean square field per temperature."""
-    sums = _scale_sums(problems, chunks)
+    sums = _scale_sums(problems, chunks).sum(0)
     if all_reduce is not None:
         sums = all_reduce(sums)
     squares, forces = _square_sums(problems, chunks, sums[0] / sums[1], options)
+    squares = squares.sum(0)
     if all_reduce is not None:
         squares = all_reduce(squares)
     return DriftStats.from_sums(sums, squares), (forces if keep_forces else None)
@@ -496,21 +517,27 @@ def scale_sums(
     chunk_size: int | None = None,
     check_finite: bool = True,
     impl: Literal["auto", "reference", "fused"] = "auto",
+    groups: Sequence[int] | None = None,
 ) -> Tensor:
     """First partial sums of the statistics: [sum w d, C_g sum w] (float64, [2]) of these problems.
 
     Add them over class chunks that are never in memory together (and over processes), then pass the total to
     `field_square_sums` and `DriftStats.from_sums`. Arguments as in `drift_loss` (impl: pass 1 of the fused kernel).
+    groups: the problems of several keys stacked along B (all of one feature dimension S), as K consecutive groups of
+    these sizes; the sums are then [K, 2], one row per key, as K separate calls would give in one pass.
     """
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, (1.0,), "xy", 0.0, 0.0, 1.0, 1.0,
                        chunk_size, check_finite)
+    _check_groups(groups, gen.shape[0])
     if _fused(impl, gen, pos, neg):
         from drifting import kernels
 
-        return kernels.fused_scale_sums(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
-                                        neg_weight=neg_weight)
-    problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
-    return _scale_sums(problems, _chunks(gen.shape[0], chunk_size))
+        per_problem = kernels.fused_scale_sums(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
+                                               neg_weight=neg_weight)
+    else:
+        problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
+        per_problem = _scale_sums(problems, _chunks(gen.shape[0], chunk_size))
+    return _segment_sums(per_problem, groups)
 
 
 def field_square_sums(
@@ -531,26 +558,35 @@ def field_square_sums(
     chunk_size: int | None = None,
     check_finite: bool = True,
     impl: Literal["auto", "reference", "fused"] = "auto",
+    groups: Sequence[int] | None = None,
 ) -> Tensor:
     """Second partial sums: [sum F_tau^2 for each tau, number of entries] (float64, [R + 1]) of these problems,
     at the scale given by `total_scale_sums` (the `scale_sums` of the whole batch). Arguments as in `drift_loss`
-    (impl: pass 2 of the fused kernel)."""
+    (impl: pass 2 of the fused kernel). groups: as in `scale_sums`; total_scale_sums is then [K, 2] (each key's
+    totals) and the sums [K, R + 1]."""
     temperatures = tuple(temperatures)
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
                        self_mask, attraction, repulsion, chunk_size, check_finite)
-    if not isinstance(total_scale_sums, Tensor) or total_scale_sums.shape != (2,):
-        raise ValueError("total_scale_sums: expected the [2] tensor returned by scale_sums (summed over chunks)")
-    scale = (total_scale_sums[0] / total_scale_sums[1]).to(gen.device)
+    _check_groups(groups, gen.shape[0])
+    expected = (2,) if groups is None else (len(groups), 2)
+    if not isinstance(total_scale_sums, Tensor) or tuple(total_scale_sums.shape) != expected:
+        raise ValueError(f"total_scale_sums: expected the {list(expected)} tensor returned by scale_sums (summed "
+                         "over chunks)")
+    scale = (total_scale_sums[..., 0] / total_scale_sums[..., 1]).to(gen.device)
+    if groups is not None:  # each problem at its own key's scale
+        scale = torch.cat([s.expand(k) for s, k in zip(scale, groups)])
     if _fused(impl, gen, pos, neg):
         from drifting import kernels
 
-        return kernels.fused_square_sums(
+        per_problem = kernels.fused_square_sums(
             gen, pos, neg, scale=scale, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
             neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
             attraction=attraction, repulsion=repulsion)
-    problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
-    options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
-    return _square_sums(problems, _chunks(gen.shape[0], chunk_size), scale, options)[0]
+    else:
+        problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
+        options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
+        per_problem = _square_sums(problems, _chunks(gen.shape[0], chunk_size), scale, options)[0]
+    return _segment_sums(per_problem, groups)
 
 
 def drift_stats(

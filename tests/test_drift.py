@@ -354,6 +354,31 @@ def test_partial_sums_over_chunks_give_the_statistics_of_the_whole_call():
         field_square_sums(gen, pos, total_scale_sums=torch.ones(3))
 
 
+def test_stacked_keys_in_groups_give_each_keys_own_sums():
+    """Several keys' problems stacked along B with `groups`: one row of sums per key, each at its own scale, equal to
+    one call per key (what FeatureDriftLoss.stats does with the keys of one tap)."""
+    from drifting.drift import field_square_sums, scale_sums
+
+    gen, pos, neg, nw = rand(9, 5, 4, seed=1), rand(9, 6, 4, seed=2), rand(9, 2, 4, seed=3), rand_weight(9, 2)
+    pos[6:] = pos[6:] * 3  # the third key lives at a larger scale
+    parts, groups = [slice(0, 1), slice(1, 6), slice(6, 9)], [1, 5, 3]
+    sums = scale_sums(gen, pos, neg, neg_weight=nw, groups=groups)
+    assert sums.shape == (3, 2)
+    for row, k in zip(sums, parts):
+        torch.testing.assert_close(row, scale_sums(gen[k], pos[k], neg[k], neg_weight=nw[k]), rtol=1e-12, atol=0)
+    assert not torch.allclose(sums[0, 0] / sums[0, 1], sums[2, 0] / sums[2, 1], rtol=0.1)
+    squares = field_square_sums(gen, pos, neg, neg_weight=nw, total_scale_sums=sums, groups=groups, chunk_size=2)
+    assert squares.shape == (3, 4)
+    for row, k, total in zip(squares, parts, sums):
+        alone = field_square_sums(gen[k], pos[k], neg[k], neg_weight=nw[k], total_scale_sums=total)
+        torch.testing.assert_close(row, alone, rtol=1e-12, atol=0)
+    for bad in ([1, 5], [0, 6, 3], [1.0, 5, 3]):
+        with pytest.raises(ValueError, match="groups"):
+            scale_sums(gen, pos, neg, neg_weight=nw, groups=bad)
+    with pytest.raises(ValueError, match="total_scale_sums"):
+        field_square_sums(gen, pos, neg, neg_weight=nw, total_scale_sums=sums[0], groups=groups)
+
+
 def test_impl_argument_is_checked():
     gen, pos = rand(2, 3, 4, seed=1), rand(2, 3, 4, seed=2)
     with pytest.raises(ValueError, match="impl"):

@@ -149,6 +149,40 @@ def test_stats_take_the_reference_math_unless_the_fused_kernel_is_asked_for(monk
     assert called[-1] == "pass 1"
 
 
+def test_stats_pass_the_loss_options_to_both_passes(monkeypatch):
+    # check_finite=False must reach pass 1 too: its check reads a flag back from the GPU, a host sync per key.
+    from drifting import drift
+    seen = []
+    real = drift.scale_sums
+    monkeypatch.setattr(drift, "scale_sums", lambda *a, **k: seen.append(k) or real(*a, **k))
+    gen, pos, neg, w = make_inputs()
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 4)]]
+    FeatureDriftLoss(make_encoder(), check_finite=False, chunk_size=3).stats(batches)
+    assert seen and all(k["check_finite"] is False and k["chunk_size"] == 3 for k in seen)
+    bad = [ClassBatch(gen[:C_G].clone().fill_(float("nan")), pos[:C_P], neg[:C_N], w[:1])]
+    with pytest.raises(ValueError, match="finite"):
+        FeatureDriftLoss(None).stats(bad)  # checked by default
+
+
+def test_stats_with_the_keys_of_each_tap_stacked_equal_one_call_per_key(monkeypatch):
+    from drifting import drift
+    calls = []
+    real = drift.scale_sums
+    monkeypatch.setattr(drift, "scale_sums", lambda *a, **k: calls.append(k["groups"]) or real(*a, **k))
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 4)]]
+    per_key = fdl.stats(batches)
+    calls_per_key, calls[:] = list(calls), []
+    grouped = fdl.stats(batches, group_keys=True)
+    assert all(groups == [groups[0]] for groups in calls_per_key)  # one key per call
+    assert len(calls) < len(calls_per_key) / 3 and max(len(groups) for groups in calls) == 7  # a tap's 7 keys
+    assert list(grouped.keys) == list(per_key.keys) and grouped.num_classes == per_key.num_classes == N_C
+    for key, s in per_key.keys.items():
+        torch.testing.assert_close(grouped.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
+        torch.testing.assert_close(grouped.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
+
+
 def test_loss_calls_reusing_the_real_taps_of_the_stats_equal_recomputing_them():
     fdl = FeatureDriftLoss(make_encoder())
     inputs, chunks = make_inputs(), [(0, 1), (1, 4)]

@@ -50,6 +50,19 @@ for normalize in ("y", "none"):
             for i in ("fused", "reference"))
     close(a, r, 1e-4, f"field_square_sums normalize={normalize}")
 
+# two keys' problems stacked (groups 2 and 4), each at its own scale: as separate calls, on both paths
+parts, groups = (slice(0, 2), slice(2, 6)), [2, 4]
+separate = torch.stack([drift.scale_sums(gen[k], pos[k], neg[k], neg_weight=w[k], impl="reference") for k in parts])
+for impl in ("reference", "fused"):
+    close(drift.scale_sums(gen, pos, neg, neg_weight=w, groups=groups, impl=impl), separate, 1e-5, f"grouped {impl}")
+totals = separate * torch.tensor([[1.0, 1.0], [0.5, 1.0]], dtype=torch.float64)  # scales 2x apart
+separate = torch.stack([drift.field_square_sums(gen[k], pos[k], neg[k], neg_weight=w[k], total_scale_sums=t,
+                                                impl="reference", **opts) for k, t in zip(parts, totals)])
+for impl in ("reference", "fused"):
+    grouped = drift.field_square_sums(gen, pos, neg, neg_weight=w, total_scale_sums=totals, groups=groups, impl=impl,
+                                      **opts)
+    close(grouped, separate, 1e-4, f"grouped field_square_sums {impl}")
+
 # the loss (pass 3) with those statistics, and its gradient
 stats = drift.DriftStats.from_sums(sums["reference"], squares["reference"])
 out = {}

@@ -61,6 +61,9 @@ def test_class_chunks_give_the_same_update_as_one_step(tmp_path):
     kept = tmp_path / "kept"  # the statistics pass holding the chunks' features: the same run, bit for bit
     main(with_train(TINY, steps=3, class_chunk=1, stats_keep_features=True), kept, progress=False)
     assert_same_model(final_state(chunked)["model"], final_state(kept)["model"], exact=True)
+    grouped = tmp_path / "grouped"  # the statistics math once per source: the same run to float rounding
+    main(with_train(TINY, steps=3, class_chunk=1, stats_group_keys=True), grouped, progress=False)
+    assert_same_model(final_state(chunked)["model"], final_state(grouped)["model"], exact=False)
 
 
 def test_resume_continues_the_same_run_bit_for_bit(tmp_path):

@@ -97,7 +97,7 @@ def _drift_kernel(
     gen_ptr, neg_ptr, pos_ptr, wg_ptr, wn_ptr, wp_ptr, temps_ptr, inv_lambda_ptr,
     out_ptr, grad_ptr, params_ptr,
     sgb, sgr, sgs, snb, snr, sns, spb, spr, sps,
-    CG, CN, CP, S,
+    CG, CN, CP, S, params_stride,
     sqrt_floor, self_mask, attraction, repulsion,
     PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
@@ -167,9 +167,10 @@ def _drift_kernel(
         tl.store(out_ptr + b * 2, total)
         tl.store(out_ptr + b * 2 + 1, weights * CG)
     else:
-        # normalised distances with the self-mask, in units of the global scale (read from memory: no host sync)
-        scale = tl.load(params_ptr)
-        s_in = tl.load(params_ptr + 1)
+        # normalised distances with the self-mask, in units of the scale (read from memory: no host sync); one
+        # scale for all problems (params_stride 0), or one per problem (stacked keys, stride 2)
+        scale = tl.load(params_ptr + b * params_stride)
+        s_in = tl.load(params_ptr + b * params_stride + 1)
         inv_scale = 1.0 / tl.maximum(scale, 1e-3)
         n_gg = d_gg * inv_scale + tl.where(rg[:, None] == rg[None, :], self_mask, 0.0)
         n_gn = d_gn * inv_scale
@@ -224,7 +225,7 @@ def _drift_kernel(
                         f += _force_dot(c_gn, xn, IEEE, UPCAST, True)
                     f -= rsum[:, None] * xg.to(tl.float32)
                     f_sq += tl.sum(f * f, axis=1)
-                tl.store(out_ptr + b * R + r, tl.sum(f_sq, axis=0) / (s_in * s_in))
+                tl.store(out_ptr + b * (R + 1) + r, tl.sum(f_sq, axis=0) / (s_in * s_in))  # [B, R + 1]: count last
             else:
                 inv_lambda = tl.load(inv_lambda_ptr + r)
                 coef_gg += (-repulsion * inv_lambda) * a_gg * s_pos[:, None]
@@ -342,27 +343,30 @@ class _Kernel:
 
     def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None) -> None:
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
-                                        params, *self.strides, PASS=pass_, WRITE_GRAD=grad is not None,
-                                        **self.common)
+                                        params, *self.strides, params_stride=2 if params.dim() == 2 else 0,
+                                        PASS=pass_, WRITE_GRAD=grad is not None, **self.common)
 
     def params(self, scale: Tensor) -> Tensor:
-        """[scale, s_in] as float32 on the device; the statistics never leave the GPU."""
+        """[scale, s_in] as float32 on the device ([B, 2] for one scale per problem); the statistics never leave
+        the GPU."""
         scale = scale.to(self.device)
-        return torch.stack([scale, (scale / math.sqrt(self.shape[2])).clamp_min(MIN_SCALE)]).float()
+        return torch.stack([scale, (scale / math.sqrt(self.shape[2])).clamp_min(MIN_SCALE)], dim=-1).float()
 
     def scale_sums(self) -> Tensor:
-        """Pass 1: [sum_bij w_bj d_bij, C_g sum_bj w_bj] (float64, [2]), as `drift.scale_sums`."""
+        """Pass 1, per problem: [sum_ij w_bj d_bij, C_g sum_j w_bj] (float64, [B, 2]), as `drift._scale_sums`."""
         part = torch.empty(self.shape[0], 2, **self.f32)
         self.launch(1, part, self.dummy, self.dummy, None)
-        return part.double().sum(0)
+        return part.double()
 
     def square_sums(self, scale: Tensor) -> Tensor:
-        """Pass 2: [sum F_tau^2 for each tau, B C_g S] (float64, [R + 1]) at `scale`, as `drift.field_square_sums`."""
+        """Pass 2, per problem: [sum F_tau^2 for each tau, C_g S] (float64, [B, R + 1]) at `scale` (a scalar, or
+        one per problem [B]), as `drift._square_sums`."""
         b, c_g, s = self.shape
-        part = torch.empty(b, self.num_temperatures, **self.f32)
+        part = torch.empty(b, self.num_temperatures + 1, **self.f32)
         self.launch(2, part, self.params(scale), self.dummy, None)
-        count = torch.full((1,), float(b * c_g * s), dtype=torch.float64, device=self.device)
-        return torch.cat([part.double().sum(0), count])
+        part = part.double()
+        part[:, -1] = c_g * s  # the number of field entries: a fill on the device, no copy from the host
+        return part
 
 
 _STATS_OPTIONS = dict(temperatures=(1.0,), normalize="xy", affinity_floor=0.0, self_mask=0.0, attraction=1.0,
@@ -395,11 +399,11 @@ def fused_drift_loss(
                      attraction=attraction, repulsion=repulsion, block_s=block_s, num_warps=num_warps,
                      num_stages=num_stages)
     if stats is None:
-        sums = kernel.scale_sums()
+        sums = kernel.scale_sums().sum(0)
         if all_reduce is not None:
             sums = all_reduce(sums)
         scale = sums[0] / sums[1]
-        squares = kernel.square_sums(scale)
+        squares = kernel.square_sums(scale).sum(0)
         if all_reduce is not None:
             squares = all_reduce(squares)
         stats = DriftStats(scale, squares[:-1] / squares[-1])

@@ -123,6 +123,9 @@ class TrainConfig:
     # passes (memory for the features of all local classes at once), instead of once per pass, and keep the real
     # samples' features for the loss calls (one encoder forward on them less per chunk). Same loss bit for bit.
     stats_keep_features: bool = False
+    # With class chunks: the statistics math once per tap and pass, its keys' problems stacked, instead of once per key
+    # (~4x fewer kernels; the same statistics to float rounding; slower on a CPU, not yet timed on a GPU).
+    stats_group_keys: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -417,7 +420,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     inputs, p, n, wk = chunk_inputs(k)
                     batches.append(ClassBatch(generate(inputs), p, n, wk))
                 with autocast:
-                    stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features)
+                    stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
+                                            group_keys=t.stats_group_keys)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
