@@ -246,9 +246,11 @@ def main() -> None:
         device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA
                          and not getattr(e, "is_user_annotation", False) and "annotation" not in e.name]
         busy_ms = sum(e.time_range.elapsed_us() for e in device_events) / 1e3
-        launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+        launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                               "cudaLaunchKernelExC"))
+        syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
         head = (f"profiled step: {wall_ms:.0f} ms wall, {busy_ms:.0f} ms of GPU kernels ({busy_ms / wall_ms:.0%}), "
-                f"{launches} kernel launches\n\n")
+                f"{launches} kernel launches, {syncs} host syncs\n\n")
         table = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
                                max_name_column_width=70)
         host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
