@@ -460,7 +460,7 @@ def _scale_sums(problems, chunks) -> Tensor:
             dist = pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE)
             parts.append(torch.stack([(dist * p.weight[:, None, :]).sum(dim=(1, 2)),
                                       p.x.shape[1] * p.weight.sum(dim=1)], dim=1).double())
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list[Tensor]]:
@@ -476,13 +476,15 @@ def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list
             squares = torch.stack([f.square().sum(dim=(1, 2)) for f in forces], dim=1).double()
             # the count as a fill on the device: a copy from a host number would wait for the GPU (a sync per key)
             parts.append(torch.nn.functional.pad(squares, (0, 1), value=p.x.shape[1] * p.x.shape[2]))
-    return torch.cat(parts), forces
+    return parts[0] if len(parts) == 1 else torch.cat(parts), forces
 
 
 def _segment_sums(per_problem: Tensor, groups: Sequence[int] | None) -> Tensor:
     """[B, m] -> [m] summed over all problems (groups None), or [K, m] summed over K consecutive groups of problems."""
     if groups is None:
         return per_problem.sum(0)
+    if len(groups) == 1:
+        return per_problem.sum(0, keepdim=True)
     return torch.stack([part.sum(0) for part in per_problem.split(list(groups))])
 
 

@@ -339,7 +339,7 @@ class FeatureDriftLoss:
                                           problem_set[1])
             for _, same_source in by_source:
                 _, keys, _, g, p, n, nw = zip(*same_source)
-                stacked = [None if t[0] is None else torch.cat(t) for t in (g, p, n, nw)]
+                stacked = [t[0] if len(t) == 1 or t[0] is None else torch.cat(t) for t in (g, p, n, nw)]
                 with torch.autocast(b.gen.device.type, enabled=False):
                     part = partial(*stacked, keys, [len(t) for t in g])
                 for key, row in zip(keys, part):
