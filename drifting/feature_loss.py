@@ -299,7 +299,7 @@ class FeatureDriftLoss:
         keys = list(scale_sums)
         num_classes = sum(b.num_classes for b in batches)
         packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
-                            scale_sums[keys[0]].new_tensor([num_classes])])
+                            scale_sums[keys[0]].new_full((1,), num_classes)])  # a fill: no copy from the host
         if all_reduce is not None:
             packed = all_reduce(packed)
             num_classes = round(packed[-1].item())  # the global count; the only host sync, and only with processes

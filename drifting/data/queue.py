@@ -141,14 +141,15 @@ class SampleQueue:
         rank, sizes = _rank_within_group(labels, self.num_classes)
         keep = rank >= (sizes[labels] - self.per_class)
         slot = (self.class_pos[labels] + rank) % self.per_class
-        self.classes[labels[keep].to(self.device), slot[keep].to(self.device)] = x[keep.to(self.device)]
+        kept = keep.nonzero().squeeze(1)  # on the CPU: a boolean mask on the GPU would read its count back (a sync)
+        self.classes[self._index(labels[kept]), self._index(slot[kept])] = x[self._index(kept)]
         self.class_pos.copy_((self.class_pos + sizes) % self.per_class)
         self.class_count.copy_(torch.clamp(self.class_count + sizes, max=self.per_class))
         # Unconditional ring: one group, the same rule.
         n = len(labels)
         first = max(0, n - self.unconditional)
         slot = (self.uncond_pos + torch.arange(first, n)) % self.unconditional
-        self.uncond[slot.to(self.device)] = x[first:]
+        self.uncond[self._index(slot)] = x[first:]
         self.uncond_pos.copy_((self.uncond_pos + n) % self.unconditional)
         self.uncond_count.copy_(torch.clamp(self.uncond_count + n, max=self.unconditional))
 
@@ -250,7 +251,7 @@ class SampleQueue:
         if count == 0:
             return self.classes.new_empty(len(labels), 0, *self.sample_shape)
         slot = _draw_indices(held, self.per_class, count, generator)
-        return self.classes[labels[:, None].to(self.device), slot.to(self.device)]
+        return self.classes[self._index(labels[:, None]), self._index(slot)]
 
     def sample_unconditional(self, n_rows: int, count: int, generator: torch.Generator | None = None) -> Tensor:
         """C_n = count samples of any class for each of n_rows rows (one per class of the step) -> [n_rows, count, *S].
@@ -267,7 +268,12 @@ class SampleQueue:
             raise ValueError("sample_unconditional: the unconditional queue is empty; push (or prefill) first")
         held = self.uncond_count.expand(n_rows)
         slot = _draw_indices(held, self.unconditional, count, generator)
-        return self.uncond[slot.to(self.device)]
+        return self.uncond[self._index(slot)]
+
+    def _index(self, index: Tensor) -> Tensor:
+        """A CPU index tensor on the queue's device, copied asynchronously: a blocking copy would make the host wait
+        for everything queued on the GPU."""
+        return index.to(self.device, non_blocking=True)
 
     def _check_labels(self, labels: Tensor) -> Tensor:
         if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():

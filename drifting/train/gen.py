@@ -395,16 +395,19 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         pos = queue.sample_positive(classes, t.pos_per_class, g_step)
         neg = queue.sample_unconditional(t.classes, t.uncond_per_class, g_step) if t.uncond_per_class else None
         noise, style = draw_inputs(model, t.classes * t.gen_per_class, generator=g_step, device=device)
+        # One asynchronous copy each of the step's labels, guidance scales and weights (a blocking copy per chunk
+        # would make the host wait for the GPU's queue to drain, three times per chunk and pass).
+        classes_d, alpha_d, w_d = (x.to(device, non_blocking=True) for x in (classes, alpha, w))
 
         # 2. This process's classes, in chunks: (class slice, its generator inputs, its real samples)
         def chunk_inputs(k: int):
             c = slice(rank * local_classes + k * chunk, rank * local_classes + (k + 1) * chunk)
             s = slice(c.start * t.gen_per_class, c.stop * t.gen_per_class)
-            cls = classes[c].to(device).repeat_interleave(t.gen_per_class)
-            a = alpha[c].to(device).repeat_interleave(t.gen_per_class)
+            cls = classes_d[c].repeat_interleave(t.gen_per_class)
+            a = alpha_d[c].repeat_interleave(t.gen_per_class)
             real_pos = data.to_model(pos[c].flatten(0, 1))
             real_neg = data.to_model(neg[c].flatten(0, 1)) if neg is not None else None
-            return (noise[s], cls, a, None if style is None else style[s]), real_pos, real_neg, w[c].to(device)
+            return (noise[s], cls, a, None if style is None else style[s]), real_pos, real_neg, w_d[c]
 
         def generate(inputs):
             with autocast:
