@@ -239,3 +239,27 @@ def test_encoder_start_step_trains_on_the_raw_key_first_then_adds_the_encoder(tm
         replace(TINY, loss=replace(TINY.loss, encoder_start_step=5))
     with pytest.raises(ValueError, match="loss.encoder_start_step"):
         replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny", encoder_start_step=-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_steps_never_wait_for_the_gpu(tmp_path):
+    """Host syncs come with a run's start, its logging, samples and checkpoint, not with each step: after a warm-up
+    run, 6 steps of class chunks make as many syncs as 3 (each run logs, samples and saves once, at its end)."""
+    import warnings
+
+    def syncs(steps: int) -> int:
+        cfg = with_train(TINY, steps=steps, class_chunk=2, log_every=steps)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                main(cfg, tmp_path / str(steps), progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(2)  # compiles kernels and fills caches
+    three, six = syncs(3), syncs(6)
+    assert three > 0  # the final log reads the loss back: the warnings are seen
+    assert six == three
