@@ -38,7 +38,8 @@ def draw_inputs(model: nn.Module, batch: int, *, generator: torch.Generator | No
     if model.style_tokens:
         style = torch.randint(0, model.style_codebook, (batch, model.style_tokens), generator=generator,
                               device=source)
-    return noise.to(device), (style.to(device) if style is not None else None)
+    # asynchronous: a blocking copy would also wait for all the work queued on the GPU (a host sync per step)
+    return noise.to(device, non_blocking=True), (style.to(device, non_blocking=True) if style is not None else None)
 
 
 def _check_model(model: object) -> None:
