@@ -169,28 +169,32 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
     limit, done = TimeLimit(t.time_limit_min, every=t.log_every), start
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=t.bf16)
 
+    def on_device(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, non_blocking=True)
+
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, peak=t.lr, warmup_steps=t.warmup_steps)
         idx = torch.randint(len(demos), (t.batch,), generator=g)
-        cond, target = cond_all[idx.to(device)], chunks_all[idx.to(device)]  # (B, T_o D_o), (B, H, D)
+        # Drawn on the CPU generator, copied asynchronously: a blocking copy would wait for the GPU's queue to drain.
+        cond, target = cond_all[on_device(idx)], chunks_all[on_device(idx)]  # (B, T_o D_o), (B, H, D)
         policy.train()
         if t.method == "drift":
             # C_g generated chunks per problem, all from one forward pass
-            noise = torch.randn(t.batch * t.gen_per_obs, H, D, generator=g).to(device)
+            noise = on_device(torch.randn(t.batch * t.gen_per_obs, H, D, generator=g))
             with autocast:
                 gen = policy.generate(cond.repeat_interleave(t.gen_per_obs, 0), noise)  # (B C_g, H, D)
             gen = gen.float().reshape(t.batch, t.gen_per_obs, H * D)  # (B, C_g, S)
             if neighbours is not None:
-                pos = chunks_all[neighbours[idx].to(device)].flatten(2)  # (B, K, S)
+                pos = chunks_all[on_device(neighbours[idx])].flatten(2)  # (B, K, S)
             else:
                 pos = target.reshape(t.batch, 1, H * D)  # (B, 1, S)
             loss, info = drift_loss(gen, pos, temperatures=t.temperatures, check_finite=False)
             loss = loss.mean()
         else:
-            noise = torch.randn(target.shape, generator=g).to(device)
-            tt = torch.randint(policy.ddpm.steps, (t.batch,), generator=g).to(device)
+            noise = on_device(torch.randn(target.shape, generator=g))
+            tt = on_device(torch.randint(policy.ddpm.steps, (t.batch,), generator=g))
             with autocast:
                 pred = policy.net(policy.ddpm.add_noise(target, noise, tt), cond, tt)
             loss = F.mse_loss(pred.float(), noise)
