@@ -315,9 +315,10 @@ def train(cfg: FlowConfig, run_dir: str | Path, *, resume: bool = True, progress
         real = data.sample(idx, g_data)  # [batch, *shape] in the data's storage dtype
         noise, style = draw_inputs(model, t.batch, generator=g_noise, device="cpu")
         times = sample_time(t.batch, t.time_sampling, g_time)
-        x1 = data.to_model(real[local].to(device))
-        x0, tt, y = noise[local].to(device), times[local].to(device), labels[idx][local].to(device)
-        s = None if style is None else style[local].to(device)
+        # asynchronous copies: a blocking one would wait for the GPU's queue to drain (a host sync each)
+        x1 = data.to_model(real[local].to(device, non_blocking=True))
+        x0, tt, y = (v[local].to(device, non_blocking=True) for v in (noise, times, labels[idx]))
+        s = None if style is None else style[local].to(device, non_blocking=True)
 
         # 2. Loss, backward (DDP averages the equal-sized local means: the global mean), clip, AdamW, EMA.
         opt.zero_grad(set_to_none=True)

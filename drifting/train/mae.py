@@ -334,13 +334,13 @@ def train_mae(cfg: MAEConfig, run_dir: str | Path, *, resume: bool = True, progr
 
         # 2. This process's slice: augment on the device, mask, reconstruct.
         mine = slice(rank * local, (rank + 1) * local)
-        rows = idx[mine].to(device)
+        rows = idx[mine].to(device, non_blocking=True)  # asynchronous: a blocking copy is a host sync
         x = to_float(images_dev[rows])  # (b, C, H, W) in [-1, 1]
         if theta is not None:
-            x = random_resized_crop(x, theta[mine].to(device))
+            x = random_resized_crop(x, theta[mine].to(device, non_blocking=True))
         elif flips is not None:
-            x = torch.where(flips[mine].to(device)[:, None, None, None], x.flip(-1), x)
-        m = mask[mine].to(device)
+            x = torch.where(flips[mine].to(device, non_blocking=True)[:, None, None, None], x.flip(-1), x)
+        m = mask[mine].to(device, non_blocking=True)
         with autocast:
             recon, logits = train_model(apply_mask(x, m, p))
         recon_share = masked_recon_loss(recon, x, m, p, num_masked=num_masked)  # this process's share of the loss
