@@ -483,7 +483,7 @@ def _segment_sums(per_problem: Tensor, groups: Sequence[int] | None) -> Tensor:
     """[B, m] -> [m] summed over all problems (groups None), or [K, m] summed over K consecutive groups of problems."""
     if groups is None:
         return per_problem.sum(0)
-    if len(groups) == 1:
+    if len(groups) == 1:  # one key per call (the default statistics pass): no split and stack
         return per_problem.sum(0, keepdim=True)
     return torch.stack([part.sum(0) for part in per_problem.split(list(groups))])
 

@@ -334,11 +334,10 @@ class FeatureDriftLoss:
         sums: dict[str, Tensor] = {}
         for i, b in enumerate(batches):
             gen_sources, real_sources = sources[i] if sources is not None else self._batch_sources(b)
-            problem_sets = self._problem_sets(gen_sources, real_sources, b)
-            by_source = itertools.groupby(problem_sets, key=lambda problem_set: problem_set[0] if group_keys else
-                                          problem_set[1])
-            for _, same_source in by_source:
-                _, keys, _, g, p, n, nw = zip(*same_source)
+            problem_sets = self._problem_sets(gen_sources, real_sources, b)  # (source, key, L, g, p, n, nw)
+            by = 0 if group_keys else 1  # consecutive problem sets of one source, or each key alone
+            for _, together in itertools.groupby(problem_sets, key=lambda problem_set: problem_set[by]):
+                _, keys, _, g, p, n, nw = zip(*together)
                 stacked = [t[0] if len(t) == 1 or t[0] is None else torch.cat(t) for t in (g, p, n, nw)]
                 with torch.autocast(b.gen.device.type, enabled=False):
                     part = partial(*stacked, keys, [len(t) for t in g])
