@@ -1,53 +1,140 @@
-"""Try block sizes and warp counts of the fused drifting-loss kernel on one key size (CUDA only).
+"""Variants and launch settings of the fused drifting-loss kernel on one key size, pass by pass (CUDA only).
 
-    python benchmarks/tune_drift_kernel.py --key 32x32
+For each variant of `drifting.kernels.drift_triton.VARIANT` and each launch setting (tile width of S, warps,
+pipeline stages): the whole call (passes 1-3, forward + backward) in ms, each pass alone, the peak memory, and the
+relative error of loss, gradient and statistics against the reference on the first problems of the key (bf16
+inputs as timed, and the same problems in fp32).
+
+    python benchmarks/tune_drift_kernel.py --key 32x32 --variants recompute,share,share_nosplit2
+    python benchmarks/tune_drift_kernel.py --key 32x32 --variants share --block-s 32,64 --warps 4,8 --stages 1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 
 import torch
 
 from drift_loss import KEYS, TEMPERATURES, floor_ms, make_inputs
-from drifting.kernels.drift_triton import fused_drift_loss
+from drifting.drift import drift_loss
+from drifting.kernels import drift_triton
+from drifting.kernels.drift_triton import _Kernel, fused_drift_loss
+
+VARIANTS = {
+    # pass 3 recomputes the softmaxes (the kernel before 2026-11-27)
+    "recompute": dict(share_norm=False, split2=True),
+    # pass 3 reads the softmax normalisers of pass 2: one exponential per entry and temperature, no column sums
+    "share": dict(share_norm=True, split2=True),
+    "share_nosplit2": dict(share_norm=True, split2=False),
+}
+OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,
+               self_mask=100.0, attraction=1.0, repulsion=1.0)
+
+
+def cuda_ms(fn, repeat: int) -> float:
+    """Median milliseconds of fn() over `repeat` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def relative(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def errors(gen, pos, neg, w, problems: int) -> dict[str, float]:
+    """Relative errors of the fused call against the reference on the first `problems` problems, bf16 and fp32."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        args = [t[:problems].detach().to(dtype) for t in (gen, pos, neg)]
+        res = {}
+        for impl in ("reference", "fused", "again"):  # "again": the fused call once more, for determinism
+            leaf = args[0].clone().requires_grad_()
+            loss, info = drift_loss(leaf, args[1], args[2], neg_weight=w[:problems], impl=impl.replace("again", "fused"),
+                                    temperatures=TEMPERATURES, affinity_floor=1e-6, check_finite=False)
+            loss.sum().backward()
+            res[impl] = (loss.detach(), leaf.grad, info["drift_ms"])
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        out[f"{name}_repeatable"] = float(all(torch.equal(a, b) for a, b in zip(res["fused"], res["again"])))
+        for k, what in enumerate(("loss", "grad", "drift_ms")):
+            out[f"{name}_{what}"] = relative(res["fused"][k], res["reference"][k])
+    return out
+
+
+def measure(gen, pos, neg, w, launch: dict, repeat: int) -> dict[str, float]:
+    def whole():
+        gen.grad = None
+        loss, _ = fused_drift_loss(gen, pos, neg, neg_weight=w, all_reduce=None, stats=None, **OPTIONS, **launch)
+        loss.mean().backward()
+
+    torch.cuda.reset_peak_memory_stats()
+    row = {"whole_ms": cuda_ms(whole, repeat), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    kernel = _Kernel(gen, pos, neg, neg_weight=w, **OPTIONS, **launch)
+    sums = kernel.scale_sums().sum(0)
+    scale = sums[0] / sums[1]
+    norm = kernel.norm_buffer()
+    squares = kernel.square_sums(scale, norm).sum(0)
+    inv_lambda = (squares[:-1] / squares[-1]).sqrt().reciprocal().float()
+    b, c_g, s = kernel.shape
+    loss = torch.empty(b, **kernel.f32)
+    grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=gen.device)
+    params = kernel.params(scale)
+    row["pass1_ms"] = cuda_ms(kernel.scale_sums, repeat)
+    row["pass2_ms"] = cuda_ms(lambda: kernel.square_sums(scale, norm), repeat)
+    row["pass3_ms"] = cuda_ms(lambda: kernel.launch(3, loss, params, inv_lambda, grad, norm), repeat)
+    return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--key", default="32x32", choices=list(KEYS))
+    parser.add_argument("--variants", default="recompute,share", help="comma list of " + ", ".join(VARIANTS))
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--block-s", default="32,64,128")
-    parser.add_argument("--warps", default="4,8,16")
-    parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--block-s", default="64")
+    parser.add_argument("--warps", default="4")
+    parser.add_argument("--stages", default="2")
+    parser.add_argument("--check-problems", default="9,1024", help="problems in the accuracy checks (0: none)")
+    parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     locations, s = KEYS[args.key]
     gen, pos, neg, w = make_inputs(locations, s, "cuda")
-    print(f"key {args.key}: floor {floor_ms(locations, s):.2f} ms")
+    card = torch.cuda.get_device_name()
+    print(f"key {args.key}, {card}: floor {floor_ms(locations, s):.2f} ms, "
+          f"inputs {sum(t.numel() * t.element_size() for t in (gen, pos, neg)) / 2**30:.2f} GiB")
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    grid = [(bs, w, st) for bs in ints(args.block_s) for w in ints(args.warps) for st in ints(args.stages)]
-    for block_s, warps, stages in grid:
-        if True:
-            def step():
-                gen.grad = None
-                loss, _ = fused_drift_loss(
-                    gen, pos, neg, temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, neg_weight=w,
-                    normalize="xy", affinity_floor=1e-6, self_mask=100.0, attraction=1.0, repulsion=1.0,
-                    all_reduce=None, stats=None, block_s=block_s, num_warps=warps, num_stages=stages)
-                loss.mean().backward()
-
+    grid = [(bs, wp, st) for bs in ints(args.block_s) for wp in ints(args.warps) for st in ints(args.stages)]
+    checks = [n for n in ints(args.check_problems) if n > 0]
+    rows = []
+    for name in args.variants.split(","):
+        drift_triton.VARIANT.update(VARIANTS[name])
+        for block_s, warps, stages in grid:
+            launch = dict(block_s=block_s, num_warps=warps, num_stages=stages)
+            label = f"{name:<15} S-tile {block_s:>3} warps {warps:>2} stages {stages}"
             try:
-                step()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.repeat):
-                    step()
-                end.record()
-                torch.cuda.synchronize()
-                print(f"block_s {block_s:>4} warps {warps:>2} stages {stages}: "
-                      f"{start.elapsed_time(end) / args.repeat:8.2f} ms")
-            except Exception as err:  # out of resources for a configuration: report it and go on
-                print(f"block_s {block_s:>4} warps {warps:>2} stages {stages}: failed ({type(err).__name__})")
+                row = {"variant": name, **launch, **measure(gen, pos, neg, w, launch, args.repeat)}
+            except Exception as err:  # out of resources for a setting: report it and go on
+                print(f"{label}: failed ({type(err).__name__}: {str(err)[:120]})")
+                continue
+            if (block_s, warps, stages) == grid[0]:
+                for n in checks:
+                    row.update({f"{k}@{n}": v for k, v in errors(gen, pos, neg, w, n).items()})
+            rows.append(row)
+            errs = " ".join(f"{k} {v:.1e}" if "repeatable" not in k else f"{k} {bool(v)}"
+                            for k, v in row.items() if "@" in k)
+            print(f"{label}: whole {row['whole_ms']:7.2f} ms  passes {row['pass1_ms']:6.2f} {row['pass2_ms']:6.2f} "
+                  f"{row['pass3_ms']:6.2f}  peak {row['peak_gib']:.2f} GiB  {errs}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "key": args.key, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

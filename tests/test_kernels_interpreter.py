@@ -74,6 +74,22 @@ for impl in ("reference", "fused"):
 close(out["fused"][0], out["reference"][0], 1e-4, "loss")
 close(out["fused"][1], out["reference"][1], 1e-4, "gradient")
 
+# the whole call (passes 1-3; pass 3 takes the softmax normalisers of pass 2), in every mode and kernel variant
+from drifting.kernels import drift_triton
+for normalize, variants in (("xy", ({}, {"share_norm": False}, {"split2": False})), ("y", ({},)), ("none", ({},))):
+    for variant in variants:
+        drift_triton.VARIANT.update(dict(split2=True, share_norm=True), **variant)
+        o = dict(opts, normalize=normalize)
+        res = {}
+        for impl in ("reference", "fused"):
+            leaf = gen.clone().requires_grad_()
+            loss, info = drift.drift_loss(leaf, pos, neg, neg_weight=w, impl=impl, **o)
+            loss.sum().backward()
+            res[impl] = (loss.detach(), leaf.grad, info["drift_ms"])
+        for k, what in enumerate(("loss", "gradient", "drift_ms")):
+            close(res["fused"][k], res["reference"][k], 1e-4, f"whole call {what} {normalize} {variant}")
+drift_triton.VARIANT.update(split2=True, share_norm=True)
+
 # FeatureDriftLoss.stats over class chunks: raw samples, 3 classes in chunks of 1 and 2
 x = torch.randn(3 * 4, 1, 4, 4, generator=g)
 p = torch.randn(3 * 5, 1, 4, 4, generator=g)

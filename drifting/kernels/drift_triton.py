@@ -10,6 +10,11 @@ needed before the next step can start:
     pass 3  per problem: F = sum_R F_R / lambda_R (one product, since the force is linear in the coefficients),
             loss_b = mean_is F^2 and d loss_b / d gen = -2 F / (s_in C_g S), written once
 
+Within one call, pass 2 also writes each problem's softmax normalisers in log form (u_i per row, v_j per column and
+temperature; [B, R, 2 BG + BN + BP] floats, 3% of the inputs at the 32x32 key), so that pass 3 needs one exponential
+per entry and temperature and no softmax reductions: A_ij = exp(l_ij + u_i + v_j). Pass 3 alone (statistics
+from a chunked pass, as in training) recomputes them.
+
 Each pass recomputes the distances (one [C_g, S] x [S, T] product). Precision: with bf16 inputs the distance
 product runs on bf16 tensor cores with fp32 accumulation, which is exact for the products of bf16 values; in pass 3
 the fp32 force coefficients are split into a bf16 high and low part (two products, ~16 mantissa bits), so the force
@@ -37,6 +42,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_ROWS = 128  # C_g and C_p up to 128 (the paper uses 64 and 128); larger problems use the reference path
 MAX_BLOCK_NEG = 64
 NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
+# Kernel variants (benchmarks/tune_drift_kernel.py --variants): share_norm = pass 2 hands its softmax normalisers
+# to pass 3 of the same call; split2 = hi/lo-split force coefficients in pass 2 (bf16 inputs).
+VARIANT = dict(split2=True, share_norm=True)
 
 
 @triton.jit
@@ -54,9 +62,9 @@ def _force_dot(coef, y, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.cons
     """coef [M, K] fp32 @ y [K, N] (bf16 or fp32).
 
     With bf16 y and SPLIT, coef = hi + lo in bf16 (two products): the coefficients keep ~16 mantissa bits.
-    Without SPLIT, one bf16 product (8 bits). Not used: even for the sums of squares behind lambda_R, where rounding
-    errors partly average out, it missed the 1e-4 agreement with the reference on calls of few problems (2.9e-4 at
-    9 problems on an H200), so every force product is split.
+    Without SPLIT, one bf16 product (8 bits): only pass 2 may use it (VARIANT["split2"] = False): 1.7 ms less at
+    the 32x32 key on an H200, but drift_ms then agrees with the reference only to 1e-4 on calls of few problems
+    (1.0e-4 at 9 problems), against ~3e-6 split; off by default.
     """
     if IEEE or UPCAST:
         return _dot(coef, y.to(tl.float32), True, UPCAST)
@@ -93,9 +101,28 @@ def _affinity(logits, row_max, row_sum, col_max, col_sum, valid, sqrt_floor, NOR
 
 
 @triton.jit
+def _log_norm(m, z, valid, NORMALIZE: tl.constexpr, ROW: tl.constexpr):
+    """A softmax's normaliser (max m, sum z) in log form: A = exp(l + u_i + v_j) with u = -(m + log z) / 2 for
+    "xy" (rows and columns), u = -(m + log z) for "y" (rows; v = 0); 0 on padding."""
+    if NORMALIZE == 0:
+        out = -0.5 * (m + tl.log(z))
+    elif ROW:
+        out = -(m + tl.log(z))
+    else:
+        out = tl.zeros_like(m)
+    return tl.where(valid, out, 0.0)
+
+
+@triton.jit
+def _affinity_from_log_norm(logits, u, v, valid, sqrt_floor):
+    """`_affinity` from the normalisers of `_log_norm`: max(exp(l_ij + u_i + v_j), sqrt(floor)); padding gets 0."""
+    return tl.where(valid, tl.maximum(tl.exp(logits + u[:, None] + v[None, :]), sqrt_floor), 0.0)
+
+
+@triton.jit
 def _drift_kernel(
     gen_ptr, neg_ptr, pos_ptr, wg_ptr, wn_ptr, wp_ptr, temps_ptr, inv_lambda_ptr,
-    out_ptr, grad_ptr, params_ptr,
+    out_ptr, grad_ptr, params_ptr, norm_ptr,
     sgb, sgr, sgs, snb, snr, sns, spb, spr, sps,
     CG, CN, CP, S, params_stride,
     sqrt_floor, self_mask, attraction, repulsion,
@@ -103,6 +130,7 @@ def _drift_kernel(
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_GRAD: tl.constexpr, UNROLL_R: tl.constexpr,
+    SPLIT2: tl.constexpr, STORE_NORM: tl.constexpr, LOAD_NORM: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rg = tl.arange(0, BG)
@@ -120,7 +148,11 @@ def _drift_kernel(
     sq_g = tl.zeros((BG,), dtype=tl.float32)
     sq_n = tl.zeros((BN,), dtype=tl.float32)
     sq_p = tl.zeros((BP,), dtype=tl.float32)
-    for s0 in range(0, S, BS):
+    # Not software-pipelined (num_stages=1): pipelined, this loop raced on an H200 with bf16 tensor cores (Triton
+    # 3.6; perhaps because the tile xg is both operands of the first product): a few problems in a thousand got
+    # other distances at every launch, under load only. Unpipelined, or with fp32 products, every pass repeats bit
+    # for bit (tests/test_kernels.py::test_fused_bf16_is_deterministic_and_exact_under_load; docs/benchmarks.md).
+    for s0 in tl.range(0, S, BS, num_stages=1):
         cols = s0 + rs
         xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
         xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
@@ -178,6 +210,7 @@ def _drift_kernel(
         coef_gg = tl.zeros((BG, BG), dtype=tl.float32)
         coef_gn = tl.zeros((BG, BN), dtype=tl.float32)
         coef_gp = tl.zeros((BG, BP), dtype=tl.float32)
+        norm_width = 2 * BG + BN + BP  # u, then v of the three blocks, per problem and temperature
         # a rolled loop over temperatures keeps one temperature's temporaries live at a time (fewer registers)
         for r in tl.range(0, R, loop_unroll_factor=UNROLL_R):
             inv_tau = 1.0 / tl.load(temps_ptr + r)
@@ -185,25 +218,46 @@ def _drift_kernel(
             l_gg = tl.where(m_gg, -n_gg * inv_tau, -1.0e30)
             l_gn = tl.where(m_gn, -n_gn * inv_tau, -1.0e30)
             l_gp = tl.where(m_gp, -n_gp * inv_tau, -1.0e30)
-            # softmax over targets (per row) spans the three blocks; over generated rows (per column) each block
-            row_max = tl.maximum(tl.max(l_gg, axis=1), tl.max(l_gp, axis=1))
-            if HAS_NEG:
-                row_max = tl.maximum(row_max, tl.max(l_gn, axis=1))
-            row_sum = tl.sum(tl.exp(l_gg - row_max[:, None]), axis=1) + tl.sum(tl.exp(l_gp - row_max[:, None]), axis=1)
-            if HAS_NEG:
-                row_sum += tl.sum(tl.exp(l_gn - row_max[:, None]), axis=1)
-            cmax_gg = tl.max(l_gg, axis=0)
-            cmax_gp = tl.max(l_gp, axis=0)
-            a_gg = _affinity(l_gg, row_max, row_sum, cmax_gg, tl.sum(tl.exp(l_gg - cmax_gg[None, :]), axis=0),
-                             m_gg, sqrt_floor, NORMALIZE) * w_g[None, :]
-            a_gp = _affinity(l_gp, row_max, row_sum, cmax_gp, tl.sum(tl.exp(l_gp - cmax_gp[None, :]), axis=0),
-                             m_gp, sqrt_floor, NORMALIZE) * w_p[None, :]
+            norm = norm_ptr + (b * R + r) * norm_width
+            if LOAD_NORM:
+                # the softmaxes' normalisers in log form, written by pass 2 of this call at the same scale: one
+                # exponential per entry and no reductions, A_ij = exp(l_ij + u_i + v_j)
+                u = tl.load(norm + rg)
+                a_gg = _affinity_from_log_norm(l_gg, u, tl.load(norm + BG + rg), m_gg, sqrt_floor) * w_g[None, :]
+                a_gp = _affinity_from_log_norm(l_gp, u, tl.load(norm + 2 * BG + BN + rp), m_gp,
+                                               sqrt_floor) * w_p[None, :]
+                if HAS_NEG:
+                    a_gn = _affinity_from_log_norm(l_gn, u, tl.load(norm + 2 * BG + rn), m_gn,
+                                                   sqrt_floor) * w_n[None, :]
+            else:
+                # softmax over targets (per row) spans the three blocks; over generated rows (per column) each block
+                row_max = tl.maximum(tl.max(l_gg, axis=1), tl.max(l_gp, axis=1))
+                if HAS_NEG:
+                    row_max = tl.maximum(row_max, tl.max(l_gn, axis=1))
+                row_sum = (tl.sum(tl.exp(l_gg - row_max[:, None]), axis=1)
+                           + tl.sum(tl.exp(l_gp - row_max[:, None]), axis=1))
+                if HAS_NEG:
+                    row_sum += tl.sum(tl.exp(l_gn - row_max[:, None]), axis=1)
+                cmax_gg = tl.max(l_gg, axis=0)
+                cmax_gp = tl.max(l_gp, axis=0)
+                csum_gg = tl.sum(tl.exp(l_gg - cmax_gg[None, :]), axis=0)
+                csum_gp = tl.sum(tl.exp(l_gp - cmax_gp[None, :]), axis=0)
+                a_gg = _affinity(l_gg, row_max, row_sum, cmax_gg, csum_gg, m_gg, sqrt_floor, NORMALIZE) * w_g[None, :]
+                a_gp = _affinity(l_gp, row_max, row_sum, cmax_gp, csum_gp, m_gp, sqrt_floor, NORMALIZE) * w_p[None, :]
+                if HAS_NEG:
+                    cmax_gn = tl.max(l_gn, axis=0)
+                    csum_gn = tl.sum(tl.exp(l_gn - cmax_gn[None, :]), axis=0)
+                    a_gn = _affinity(l_gn, row_max, row_sum, cmax_gn, csum_gn, m_gn, sqrt_floor,
+                                     NORMALIZE) * w_n[None, :]
+                if STORE_NORM:
+                    tl.store(norm + rg, _log_norm(row_max, row_sum, valid_g, NORMALIZE, True))
+                    tl.store(norm + BG + rg, _log_norm(cmax_gg, csum_gg, valid_g, NORMALIZE, False))
+                    tl.store(norm + 2 * BG + BN + rp, _log_norm(cmax_gp, csum_gp, valid_p, NORMALIZE, False))
+                    if HAS_NEG:
+                        tl.store(norm + 2 * BG + rn, _log_norm(cmax_gn, csum_gn, valid_n, NORMALIZE, False))
             s_neg = tl.sum(a_gg, axis=1)
             s_pos = tl.sum(a_gp, axis=1)
             if HAS_NEG:
-                cmax_gn = tl.max(l_gn, axis=0)
-                a_gn = _affinity(l_gn, row_max, row_sum, cmax_gn, tl.sum(tl.exp(l_gn - cmax_gn[None, :]), axis=0),
-                                 m_gn, sqrt_floor, NORMALIZE) * w_n[None, :]
                 s_neg += tl.sum(a_gn, axis=1)
             # W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1/lambda_R into one set of coefficients
             if PASS == 2:
@@ -219,10 +273,10 @@ def _drift_kernel(
                     cols = s0 + rs
                     xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
                     xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
-                    f = _force_dot(c_gg, xg, IEEE, UPCAST, True) + _force_dot(c_gp, xp, IEEE, UPCAST, True)
+                    f = _force_dot(c_gg, xg, IEEE, UPCAST, SPLIT2) + _force_dot(c_gp, xp, IEEE, UPCAST, SPLIT2)
                     if HAS_NEG:
                         xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
-                        f += _force_dot(c_gn, xn, IEEE, UPCAST, True)
+                        f += _force_dot(c_gn, xn, IEEE, UPCAST, SPLIT2)
                     f -= rsum[:, None] * xg.to(tl.float32)
                     f_sq += tl.sum(f * f, axis=1)
                 tl.store(out_ptr + b * (R + 1) + r, tl.sum(f_sq, axis=0) / (s_in * s_in))  # [B, R + 1]: count last
@@ -337,14 +391,26 @@ class _Kernel:
             NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
             HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
             IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages, UNROLL_R=unroll_r,
+            SPLIT2=VARIANT["split2"],
         )
         self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
 
-    def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None) -> None:
+    def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None,
+               norm: Tensor | None = None) -> None:
+        """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale)."""
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
-                                        params, *self.strides, params_stride=2 if params.dim() == 2 else 0,
-                                        PASS=pass_, WRITE_GRAD=grad is not None, **self.common)
+                                        params, norm if norm is not None else self.dummy, *self.strides,
+                                        params_stride=2 if params.dim() == 2 else 0, PASS=pass_,
+                                        WRITE_GRAD=grad is not None, STORE_NORM=norm is not None and pass_ == 2,
+                                        LOAD_NORM=norm is not None and pass_ == 3, **self.common)
+
+    def norm_buffer(self) -> Tensor | None:
+        """[B, R, 2 BG + BN + BP] float32 for the softmax normalisers (u, then v of each block), or None."""
+        if not VARIANT["share_norm"] or self.common["NORMALIZE"] == NORMALIZE_CODE["none"]:
+            return None
+        c = self.common
+        return torch.empty(self.shape[0], c["R"], 2 * c["BG"] + c["BN"] + c["BP"], **self.f32)
 
     def params(self, scale: Tensor) -> Tensor:
         """[scale, s_in] as float32 on the device ([B, 2] for one scale per problem); the statistics never leave
@@ -358,12 +424,12 @@ class _Kernel:
         self.launch(1, part, self.dummy, self.dummy, None)
         return part.double()
 
-    def square_sums(self, scale: Tensor) -> Tensor:
+    def square_sums(self, scale: Tensor, norm: Tensor | None = None) -> Tensor:
         """Pass 2, per problem: [sum F_tau^2 for each tau, C_g S] (float64, [B, R + 1]) at `scale` (a scalar, or
         one per problem [B]), as `drift._square_sums`."""
         b, c_g, s = self.shape
         part = torch.empty(b, self.num_temperatures + 1, **self.f32)
-        self.launch(2, part, self.params(scale), self.dummy, None)
+        self.launch(2, part, self.params(scale), self.dummy, None, norm)
         part = part.double()
         part[:, -1] = c_g * s  # the number of field entries: a fill on the device, no copy from the host
         return part
@@ -398,12 +464,14 @@ def fused_drift_loss(
                      neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
                      attraction=attraction, repulsion=repulsion, block_s=block_s, num_warps=num_warps,
                      num_stages=num_stages)
+    norm = None
     if stats is None:
         sums = kernel.scale_sums().sum(0)
         if all_reduce is not None:
             sums = all_reduce(sums)
         scale = sums[0] / sums[1]
-        squares = kernel.square_sums(scale).sum(0)
+        norm = kernel.norm_buffer()
+        squares = kernel.square_sums(scale, norm).sum(0)
         if all_reduce is not None:
             squares = all_reduce(squares)
         stats = DriftStats(scale, squares[:-1] / squares[-1])
@@ -412,7 +480,7 @@ def fused_drift_loss(
     loss = torch.empty(b, **kernel.f32)
     needs_grad = torch.is_grad_enabled() and gen.requires_grad
     grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=kernel.device) if needs_grad else None
-    kernel.launch(3, loss, kernel.params(stats.scale), inv_lambda, grad)
+    kernel.launch(3, loss, kernel.params(stats.scale), inv_lambda, grad, norm)
     info = {"scale": stats.scale, "drift_ms": stats.drift_ms}
     if needs_grad:
         return _FusedDriftLoss.apply(gen, loss, grad), info
