@@ -267,7 +267,8 @@ class FeatureDriftLoss:
 
     @torch.no_grad()
     def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None,
-              keep_sources: bool = False, group_keys: bool = False) -> FeatureStats:
+              keep_sources: bool = False, group_keys: bool = False,
+              fused_min_problems: int | None = None) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
         Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
@@ -279,22 +280,36 @@ class FeatureDriftLoss:
         problems stacked (see `_accumulate`); the same statistics to float rounding, ~4x fewer kernels, more memory
         for one source's stacked problems. On a 2-core CPU it was slower (larger temporaries fall out of cache: 8.2
         against 7.3 s, `mae_tiny`, 2 chunks of 1 class); on a GPU, where the pass is many small kernels, not yet timed.
+        fused_min_problems: calls of at least this many problems take the fused kernel where it runs (impl "auto"),
+        smaller ones the reference math; None: the reference math for all (unless the loss's impl is "fused").
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
             raise ValueError("stats: expected at least one ClassBatch")
+        if fused_min_problems is not None and (isinstance(fused_min_problems, bool)
+                                               or not isinstance(fused_min_problems, int) or fused_min_problems < 1):
+            raise ValueError(f"fused_min_problems: expected None or an integer >= 1, got {fused_min_problems!r}")
         # The partial sums run the reference math unless impl="fused" is asked for: on an H200, at the ablation
         # sizes (86 keys, chunks of 4 classes), passes 1 and 2 of the fused kernel took 3.0 s for what the
-        # reference's batched matrix products do in 1.9 s (docs/benchmarks.md); "auto" therefore means reference here.
-        impl = "fused" if self.drift_options.get("impl") == "fused" else "reference"
-        options = {**self.drift_options, "impl": impl}
+        # reference's batched matrix products do in 1.9 s (docs/benchmarks.md): one program per problem leaves the
+        # GPU nearly empty on keys of few problems. "auto" therefore means reference here, or, with
+        # fused_min_problems, the kernel for the calls with enough problems to fill the GPU.
+        asked = self.drift_options.get("impl", "auto")
+
+        def impl(problems: int) -> str:
+            if asked != "auto":
+                return asked
+            return "auto" if fused_min_problems is not None and problems >= fused_min_problems else "reference"
+
+        options = {k: v for k, v in self.drift_options.items() if k != "impl"}
         sources = [self._batch_sources(b) for b in batches] if keep_sources else None
 
         # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.
         # chunk_size and check_finite too: the default check reads a flag back from the GPU (a host sync per key)
-        pass1 = {k: options[k] for k in ("chunk_size", "check_finite", "impl") if k in options}
+        pass1 = {k: options[k] for k in ("chunk_size", "check_finite") if k in options}
         scale_sums = self._accumulate(
-            batches, lambda g, p, n, nw, keys, groups: drift.scale_sums(g, p, n, neg_weight=nw, groups=groups, **pass1),
+            batches, lambda g, p, n, nw, keys, groups: drift.scale_sums(g, p, n, neg_weight=nw, groups=groups,
+                                                                        impl=impl(g.shape[0]), **pass1),
             sources, group_keys)
         keys = list(scale_sums)
         num_classes = sum(b.num_classes for b in batches)
@@ -310,7 +325,7 @@ class FeatureDriftLoss:
             batches,
             lambda g, p, n, nw, keys, groups: drift.field_square_sums(
                 g, p, n, neg_weight=nw, total_scale_sums=torch.stack([global_scale_sums[k] for k in keys]),
-                groups=groups, **options),
+                groups=groups, impl=impl(g.shape[0]), **options),
             sources, group_keys,
         )
         packed = torch.stack([square_sums[k] for k in keys])  # (K, R + 1)

@@ -137,6 +137,8 @@ def test_config_errors_name_the_field():
         GenConfig(data=DataConfig(dataset="imagenet-21k"))
     with pytest.raises(ValueError, match="train.strategy"):
         with_train(TINY, strategy="deepspeed")
+    with pytest.raises(ValueError, match="train.stats_fused_min_problems"):
+        with_train(TINY, stats_fused_min_problems=0)
     with pytest.raises(FileNotFoundError):
         main(replace(TINY, data=DataConfig(dataset="mnist", path="/nonexistent/mnist.npz")), "/tmp/unused-run")
 

@@ -126,6 +126,10 @@ class TrainConfig:
     # With class chunks: the statistics math once per tap and pass, its keys' problems stacked, instead of once per key
     # (~4x fewer kernels; the same statistics to float rounding; slower on a CPU, not yet timed on a GPU).
     stats_group_keys: bool = False
+    # With class chunks: statistics calls of at least this many problems on the fused kernel (CUDA), smaller ones on
+    # the reference math; None: all on the reference math (the kernel's one program per problem leaves the GPU
+    # nearly empty on small keys: docs/benchmarks.md). Same statistics to float rounding.
+    stats_fused_min_problems: int | None = None
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -197,6 +201,8 @@ class GenConfig:
             raise ValueError(f"train.uncond_per_class: expected >= 0, got {t.uncond_per_class}")
         if t.class_chunk is not None and t.class_chunk < 1:
             raise ValueError(f"train.class_chunk: expected None or >= 1, got {t.class_chunk}")
+        if t.stats_fused_min_problems is not None and t.stats_fused_min_problems < 1:
+            raise ValueError(f"train.stats_fused_min_problems: expected None or >= 1, got {t.stats_fused_min_problems}")
         if t.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {t.strategy!r}")
         if not all(0 <= d < 1 for d in t.ema_decays):
@@ -424,7 +430,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     batches.append(ClassBatch(generate(inputs), p, n, wk))
                 with autocast:
                     stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
-                                            group_keys=t.stats_group_keys)
+                                            group_keys=t.stats_group_keys,
+                                            fused_min_problems=t.stats_fused_min_problems)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
