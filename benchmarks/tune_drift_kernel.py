@@ -28,7 +28,10 @@ VARIANTS = {
     # pass 3 reads the softmax normalisers of pass 2: one exponential per entry and temperature, no column sums
     "share": dict(share_norm=True, split2=True),
     "share_nosplit2": dict(share_norm=True, split2=False),
+    # the distance loop pipelined again (it raced with two stages), with one accumulator buffer: check repeatability
+    "share_pipelined_one_acc": dict(share_norm=True, split2=True, dist_stages=2, dist_one_acc=True),
 }
+DEFAULT_VARIANT = dict(drift_triton.VARIANT)
 OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,
                self_mask=100.0, attraction=1.0, repulsion=1.0)
 
@@ -115,7 +118,7 @@ def main() -> None:
     checks = [n for n in ints(args.check_problems) if n > 0]
     rows = []
     for name in args.variants.split(","):
-        drift_triton.VARIANT.update(VARIANTS[name])
+        drift_triton.VARIANT.update(DEFAULT_VARIANT, **VARIANTS[name])
         for block_s, warps, stages in grid:
             launch = dict(block_s=block_s, num_warps=warps, num_stages=stages)
             label = f"{name:<15} S-tile {block_s:>3} warps {warps:>2} stages {stages}"
