@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--group-keys", action="store_true", help="stats(group_keys=True): one call per tap and pass")
     parser.add_argument("--fused-min-problems", type=int, default=None,
                         help="stats(fused_min_problems=N): calls of at least N problems on the fused kernel")
+    parser.add_argument("--compiled-stats", action="store_true", help="stats(compiled=True): the math compiled")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
@@ -80,12 +81,14 @@ def main() -> None:
         batches = [ClassBatch(gen.detach()[i * 64:(i + k) * 64], pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16],
                               w[i:i + k]) for i in range(0, n_c, k)]
         with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
-            loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems)  # warm-up (kernel compilation)
+            loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
+                          compiled=args.compiled_stats)  # warm-up (kernel compilation)
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.iters):
-                loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems)
+                loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
+                              compiled=args.compiled_stats)
             if cuda:
                 torch.cuda.synchronize()
         result["stats_ms"] = 1e3 * (time.perf_counter() - t0) / args.iters

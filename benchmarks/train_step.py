@@ -169,7 +169,8 @@ def main() -> None:
                     batches = [ClassBatch(generate(i), p, n, wk) for i, p, n, wk in map(chunk_inputs, range(n_chunks))]
                 with autocast, record_function("statistics pass: loss.stats"):
                     stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
-                                         group_keys=t.stats_group_keys, fused_min_problems=t.stats_fused_min_problems)
+                                         group_keys=t.stats_group_keys, fused_min_problems=t.stats_fused_min_problems,
+                                         compiled=t.stats_compiled)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):

@@ -26,6 +26,7 @@ Paper symbol -> name used here:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal, NamedTuple, Sequence
 
@@ -68,9 +69,7 @@ def pairwise_distance(x: Tensor, y: Tensor, min_squared: float = 0.0) -> Tensor:
 
 def _self_mask(n: int, t: int, value: float, like: Tensor) -> Tensor:
     """[n, t] matrix with `value` at (i, i) for i < n: column i of the targets is generated sample i itself."""
-    mask = torch.zeros(n, t, dtype=like.dtype, device=like.device)
-    mask[:, :n].fill_diagonal_(value)
-    return mask
+    return torch.eye(n, t, dtype=like.dtype, device=like.device) * value  # no in-place fill: torch.compile-able
 
 
 def affinity(logits: Tensor, normalize: Normalize = "xy", floor: float = 0.0) -> Tensor:
@@ -453,30 +452,69 @@ def _fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
 
 def _scale_sums(problems, chunks) -> Tensor:
     """Per problem [sum_{i,j} w_bj d_bij, C_g sum_j w_bj] (float64, [B, 2]): scale = first / second, summed."""
-    parts = []
     with torch.no_grad():
-        for sl in chunks:
-            p = problems(sl)
-            dist = pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE)
-            parts.append(torch.stack([(dist * p.weight[:, None, :]).sum(dim=(1, 2)),
-                                      p.x.shape[1] * p.weight.sum(dim=1)], dim=1).double())
+        parts = [_scale_terms(problems(sl)) for sl in chunks]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _scale_terms(p: _Problems) -> Tensor:
+    dist = pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE)
+    return torch.stack([(dist * p.weight[:, None, :]).sum(dim=(1, 2)), p.x.shape[1] * p.weight.sum(dim=1)],
+                       dim=1).double()
+
+
 def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list[Tensor]]:
-    """Per problem [sum F_tau^2 for each tau, number of field entries] (float64, [B, R + 1]) at this scale (a
+    """Per problem [sum F_tau^2 for each tau, number of entries] (float64, [B, R + 1]) at this scale (a
     scalar, or one per problem [B]), and the last chunk's forces."""
     parts, forces = [], []
     with torch.no_grad():
         for sl in chunks:
             p = problems(sl)
-            chunk_scale = scale if scale.dim() == 0 else scale[sl]
-            forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), chunk_scale.to(p.x.dtype),
-                             *options)
-            squares = torch.stack([f.square().sum(dim=(1, 2)) for f in forces], dim=1).double()
-            # the count as a fill on the device: a copy from a host number would wait for the GPU (a sync per key)
-            parts.append(torch.nn.functional.pad(squares, (0, 1), value=p.x.shape[1] * p.x.shape[2]))
+            squares, forces = _square_terms(p, scale if scale.dim() == 0 else scale[sl], options)
+            parts.append(_with_count(squares, p.x.shape))
     return parts[0] if len(parts) == 1 else torch.cat(parts), forces
+
+
+def _square_terms(p: _Problems, scale: Tensor, options) -> tuple[Tensor, list[Tensor]]:
+    forces = _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale.to(p.x.dtype), *options)
+    return torch.stack([f.square().sum(dim=(1, 2)) for f in forces], dim=1).double(), forces
+
+
+def _with_count(squares: Tensor, shape) -> Tensor:
+    """[B, R] -> [B, R + 1] with the number of field entries C_g S last, as a fill on the device: a copy from a
+    host number would wait for the GPU (a sync per key)."""
+    return torch.nn.functional.pad(squares, (0, 1), value=shape[1] * shape[2])
+
+
+def _compilable_scale_terms(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype) -> Tensor:
+    """`_scale_terms` of one chunk from its raw slices: the problems built inside, so that the compiled version
+    fuses the casts and the concatenation too."""
+    return _scale_terms(_problems(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype))
+
+
+def _compilable_square_terms(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype, scale, options) -> Tensor:
+    """`_square_terms` of one chunk from its raw slices, the sums only (the forces never leave the graph)."""
+    return _square_terms(_problems(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype), scale, options)[0]
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """fn under torch.compile with dynamic shapes (one graph for the keys' many problem counts and dimensions):
+    the statistics' chain of element-wise operations in a few fused kernels instead of ~20 per temperature."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _compiled_sums(fn, gen, pos, neg, gen_weight, pos_weight, neg_weight, chunks, *args) -> Tensor:
+    """Per problem, fn (compiled) over the chunks of the B axis, concatenated."""
+    def part(t, sl):
+        return None if t is None else t[sl]
+
+    dtype = _compute_dtype(gen, pos, neg)
+    with torch.no_grad():
+        parts = [_compiled(fn)(*(part(t, sl) for t in (gen, pos, neg, gen_weight, pos_weight, neg_weight)), dtype,
+                               *(a[sl] if isinstance(a, Tensor) and a.dim() == 1 else a for a in args))
+                 for sl in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _segment_sums(per_problem: Tensor, groups: Sequence[int] | None) -> Tensor:
@@ -518,20 +556,24 @@ def scale_sums(
     neg_weight: Tensor | None = None,
     chunk_size: int | None = None,
     check_finite: bool = True,
-    impl: Literal["auto", "reference", "fused"] = "auto",
+    impl: Literal["auto", "reference", "fused", "compiled"] = "auto",
     groups: Sequence[int] | None = None,
 ) -> Tensor:
     """First partial sums of the statistics: [sum w d, C_g sum w] (float64, [2]) of these problems.
 
     Add them over class chunks that are never in memory together (and over processes), then pass the total to
-    `field_square_sums` and `DriftStats.from_sums`. Arguments as in `drift_loss` (impl: pass 1 of the fused kernel).
+    `field_square_sums` and `DriftStats.from_sums`. Arguments as in `drift_loss` (impl: pass 1 of the fused kernel,
+    or "compiled": the reference math under torch.compile, the same sums to float rounding).
     groups: the problems of several keys stacked along B (all of one feature dimension S), as K consecutive groups of
     these sizes; the sums are then [K, 2], one row per key, as K separate calls would give in one pass.
     """
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, (1.0,), "xy", 0.0, 0.0, 1.0, 1.0,
                        chunk_size, check_finite)
     _check_groups(groups, gen.shape[0])
-    if _fused(impl, gen, pos, neg):
+    if impl == "compiled":
+        per_problem = _compiled_sums(_compilable_scale_terms, gen, pos, neg, gen_weight, pos_weight, neg_weight,
+                                     _chunks(gen.shape[0], chunk_size))
+    elif _fused(impl, gen, pos, neg):
         from drifting import kernels
 
         per_problem = kernels.fused_scale_sums(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
@@ -559,13 +601,13 @@ def field_square_sums(
     repulsion: float = 1.0,
     chunk_size: int | None = None,
     check_finite: bool = True,
-    impl: Literal["auto", "reference", "fused"] = "auto",
+    impl: Literal["auto", "reference", "fused", "compiled"] = "auto",
     groups: Sequence[int] | None = None,
 ) -> Tensor:
     """Second partial sums: [sum F_tau^2 for each tau, number of entries] (float64, [R + 1]) of these problems,
     at the scale given by `total_scale_sums` (the `scale_sums` of the whole batch). Arguments as in `drift_loss`
-    (impl: pass 2 of the fused kernel). groups: as in `scale_sums`; total_scale_sums is then [K, 2] (each key's
-    totals) and the sums [K, R + 1]."""
+    (impl: pass 2 of the fused kernel, or "compiled" as in `scale_sums`). groups: as in `scale_sums`;
+    total_scale_sums is then [K, 2] (each key's totals) and the sums [K, R + 1]."""
     temperatures = tuple(temperatures)
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
                        self_mask, attraction, repulsion, chunk_size, check_finite)
@@ -577,7 +619,12 @@ def field_square_sums(
     scale = (total_scale_sums[..., 0] / total_scale_sums[..., 1]).to(gen.device)
     if groups is not None:  # each problem at its own key's scale
         scale = torch.cat([s.expand(k) for s, k in zip(scale, groups)])
-    if _fused(impl, gen, pos, neg):
+    if impl == "compiled":
+        options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
+        per_problem = _with_count(_compiled_sums(_compilable_square_terms, gen, pos, neg, gen_weight, pos_weight,
+                                                 neg_weight, _chunks(gen.shape[0], chunk_size), scale, options),
+                                  gen.shape)
+    elif _fused(impl, gen, pos, neg):
         from drifting import kernels
 
         per_problem = kernels.fused_square_sums(

@@ -268,7 +268,7 @@ class FeatureDriftLoss:
     @torch.no_grad()
     def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None,
               keep_sources: bool = False, group_keys: bool = False,
-              fused_min_problems: int | None = None) -> FeatureStats:
+              fused_min_problems: int | None = None, compiled: bool = False) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
         Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
@@ -282,6 +282,9 @@ class FeatureDriftLoss:
         against 7.3 s, `mae_tiny`, 2 chunks of 1 class); on a GPU, where the pass is many small kernels, not yet timed.
         fused_min_problems: calls of at least this many problems take the fused kernel where it runs (impl "auto"),
         smaller ones the reference math; None: the reference math for all (unless the loss's impl is "fused").
+        compiled: the reference math under torch.compile (`drift.scale_sums(impl="compiled")`): its element-wise
+        chains fused into a few kernels; one compilation per kind of call (dynamic shapes), the same statistics to
+        float rounding.
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
@@ -299,7 +302,9 @@ class FeatureDriftLoss:
         def impl(problems: int) -> str:
             if asked != "auto":
                 return asked
-            return "auto" if fused_min_problems is not None and problems >= fused_min_problems else "reference"
+            if fused_min_problems is not None and problems >= fused_min_problems:
+                return "auto"
+            return "compiled" if compiled else "reference"
 
         options = {k: v for k, v in self.drift_options.items() if k != "impl"}
         sources = [self._batch_sources(b) for b in batches] if keep_sources else None

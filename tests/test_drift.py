@@ -379,6 +379,25 @@ def test_stacked_keys_in_groups_give_each_keys_own_sums():
         field_square_sums(gen, pos, neg, neg_weight=nw, total_scale_sums=sums[0], groups=groups)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside torch.compile
+def test_compiled_partial_sums_equal_the_reference():
+    """impl="compiled": the reference math under torch.compile (the statistics pass's many small element-wise
+    kernels fused), over chunks and stacked keys at their own scales; drift_loss itself does not take it."""
+    from drifting.drift import field_square_sums, scale_sums
+
+    gen, pos, neg, nw = rand(9, 5, 4, seed=1), rand(9, 6, 4, seed=2), rand(9, 2, 4, seed=3), rand_weight(9, 2)
+    pos[6:] = pos[6:] * 3
+    groups = [1, 5, 3]
+    sums = {impl: scale_sums(gen, pos, neg, neg_weight=nw, groups=groups, chunk_size=4, impl=impl)
+            for impl in ("reference", "compiled")}
+    torch.testing.assert_close(sums["compiled"], sums["reference"], rtol=1e-10, atol=0)
+    squares = {impl: field_square_sums(gen, pos, neg, neg_weight=nw, total_scale_sums=sums["reference"], groups=groups,
+                                       chunk_size=4, impl=impl) for impl in ("reference", "compiled")}
+    torch.testing.assert_close(squares["compiled"], squares["reference"], rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="impl"):
+        drift_loss(gen, pos, neg, impl="compiled")
+
+
 def test_impl_argument_is_checked():
     gen, pos = rand(2, 3, 4, seed=1), rand(2, 3, 4, seed=2)
     with pytest.raises(ValueError, match="impl"):

@@ -149,15 +149,16 @@ def test_stats_take_the_reference_math_unless_the_fused_kernel_is_asked_for(monk
     assert called[-1] == "pass 1"
 
 
-def test_stats_put_only_the_calls_of_enough_problems_on_the_kernel(monkeypatch):
+def test_stats_put_only_the_calls_of_enough_problems_on_the_kernel_and_compile_the_others(monkeypatch):
     # fused_min_problems: the kernel (impl "auto", i.e. where it runs) for calls that fill a GPU, the reference
     # math for the keys of few problems, in both passes.
     from drifting import drift
     seen = []
     for name in ("scale_sums", "field_square_sums"):
         real = getattr(drift, name)
-        monkeypatch.setattr(drift, name, lambda g, *a, _real=real, _name=name, **k:
-                            seen.append((_name, g.shape[0], k["impl"])) or _real(g, *a, **k))
+        monkeypatch.setattr(drift, name, lambda g, *a, _real=real, _name=name, **k:  # compiled: checked in test_drift
+                            seen.append((_name, g.shape[0], k["impl"]))
+                            or _real(g, *a, **{**k, "impl": k["impl"].replace("compiled", "reference")}))
     gen, pos, neg, w = make_inputs()
     batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 4)]]
     fdl = FeatureDriftLoss(make_encoder())
@@ -170,6 +171,9 @@ def test_stats_put_only_the_calls_of_enough_problems_on_the_kernel(monkeypatch):
     assert {impl for _, _, impl in seen} == {"auto", "reference"}  # both kinds of calls occur
     for key, st in reference.keys.items():  # on the CPU "auto" is the reference math: the same statistics
         assert torch.equal(mixed.keys[key].scale, st.scale) and torch.equal(mixed.keys[key].drift_ms, st.drift_ms)
+    seen.clear()
+    fdl.stats(batches, fused_min_problems=8, compiled=True)  # the calls left to the reference math are compiled
+    assert all(impl == ("auto" if problems >= 8 else "compiled") for _, problems, impl in seen)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="fused_min_problems"):
             fdl.stats(batches, fused_min_problems=bad)

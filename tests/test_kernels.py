@@ -151,6 +151,18 @@ def test_fused_partial_sums_over_chunks_equal_reference(shape):
     assert relative(chunked.scale, whole.scale) < 1e-5 and relative(chunked.drift_ms, whole.drift_ms) < 1e-4
 
 
+def test_compiled_partial_sums_equal_the_reference_on_the_gpu():
+    """impl="compiled" (the statistics' reference math under torch.compile, `train.stats_compiled`) on CUDA, bf16
+    features as under autocast, two keys stacked at their own scales."""
+    gen, pos, neg, w = inputs((48, 64, 64, 16, 256), torch.bfloat16, seed=7)
+    groups = [16, 32]
+    sums = {impl: scale_sums(gen, pos, neg, neg_weight=w, groups=groups, impl=impl) for impl in ("reference", "compiled")}
+    assert relative(sums["compiled"], sums["reference"]) < 1e-5
+    squares = {impl: field_square_sums(gen, pos, neg, neg_weight=w, total_scale_sums=sums["reference"], groups=groups,
+                                       impl=impl) for impl in ("reference", "compiled")}
+    assert relative(squares["compiled"], squares["reference"]) < 1e-4
+
+
 @pytest.mark.parametrize("impl", ["auto", "fused"])
 def test_statistics_and_loss_calls_never_wait_for_the_gpu(impl):
     """Class-chunked training on one process queues its work without a host sync (a copy of host numbers to the

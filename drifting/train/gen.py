@@ -130,6 +130,9 @@ class TrainConfig:
     # the reference math; None: all on the reference math (the kernel's one program per problem leaves the GPU
     # nearly empty on small keys: docs/benchmarks.md). Same statistics to float rounding.
     stats_fused_min_problems: int | None = None
+    # With class chunks: the statistics' reference math under torch.compile (dynamic shapes; a few compilations at
+    # the start). Same statistics to float rounding.
+    stats_compiled: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -431,7 +434,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 with autocast:
                     stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
                                             group_keys=t.stats_group_keys,
-                                            fused_min_problems=t.stats_fused_min_problems)
+                                            fused_min_problems=t.stats_fused_min_problems,
+                                            compiled=t.stats_compiled)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
