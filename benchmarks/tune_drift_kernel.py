@@ -28,8 +28,6 @@ VARIANTS = {
     # pass 3 reads the softmax normalisers of pass 2: one exponential per entry and temperature, no column sums
     "share": dict(share_norm=True, split2=True),
     "share_nosplit2": dict(share_norm=True, split2=False),
-    # the distance loop pipelined again (it raced with two stages), with one accumulator buffer: check repeatability
-    "share_pipelined_one_acc": dict(share_norm=True, split2=True, dist_stages=2, dist_one_acc=True),
 }
 DEFAULT_VARIANT = dict(drift_triton.VARIANT)
 OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,

@@ -43,10 +43,8 @@ MAX_BLOCK_ROWS = 128  # C_g and C_p up to 128 (the paper uses 64 and 128); large
 MAX_BLOCK_NEG = 64
 NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # Kernel variants (benchmarks/tune_drift_kernel.py --variants): share_norm = pass 2 hands its softmax normalisers
-# to pass 3 of the same call; split2 = hi/lo-split force coefficients in pass 2 (bf16 inputs); dist_stages =
-# software-pipeline stages of the distance loop (1: unpipelined, see the race below), dist_one_acc = Triton's
-# disallow_acc_multi_buffer for that loop (untimed: a candidate to pipeline it again without the race).
-VARIANT = dict(split2=True, share_norm=True, dist_stages=1, dist_one_acc=False)
+# to pass 3 of the same call; split2 = hi/lo-split force coefficients in pass 2 (bf16 inputs).
+VARIANT = dict(split2=True, share_norm=True)
 
 
 @triton.jit
@@ -132,8 +130,7 @@ def _drift_kernel(
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_GRAD: tl.constexpr, UNROLL_R: tl.constexpr,
-    SPLIT2: tl.constexpr, STORE_NORM: tl.constexpr, LOAD_NORM: tl.constexpr, DIST_STAGES: tl.constexpr,
-    DIST_ONE_ACC: tl.constexpr,
+    SPLIT2: tl.constexpr, STORE_NORM: tl.constexpr, LOAD_NORM: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rg = tl.arange(0, BG)
@@ -152,10 +149,11 @@ def _drift_kernel(
     sq_n = tl.zeros((BN,), dtype=tl.float32)
     sq_p = tl.zeros((BP,), dtype=tl.float32)
     # Not software-pipelined (num_stages=1): pipelined, this loop raced on an H200 with bf16 tensor cores (Triton
-    # 3.6; perhaps because the tile xg is both operands of the first product): a few problems in a thousand got
-    # other distances at every launch, under load only. Unpipelined, or with fp32 products, every pass repeats bit
-    # for bit (tests/test_kernels.py::test_fused_bf16_is_deterministic_and_exact_under_load; docs/benchmarks.md).
-    for s0 in tl.range(0, S, BS, num_stages=DIST_STAGES, disallow_acc_multi_buffer=DIST_ONE_ACC):
+    # 3.6): a few problems in a thousand got other distances at every launch, under load only. Compiled for sm_90,
+    # the pipelined loop writes its tiles to shared memory with cp.async and has the tensor cores (wgmma) read them
+    # with no fence.proxy.async between, where the unpipelined one fences (benchmarks/kernel_resources.py).
+    # Unpipelined, every pass repeats bit for bit (tests/test_kernels.py, gpu; tests/test_kernels_codegen.py).
+    for s0 in tl.range(0, S, BS, num_stages=1):
         cols = s0 + rs
         xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
         xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
@@ -394,7 +392,7 @@ class _Kernel:
             NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
             HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
             IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages, UNROLL_R=unroll_r,
-            SPLIT2=VARIANT["split2"], DIST_STAGES=VARIANT["dist_stages"], DIST_ONE_ACC=VARIANT["dist_one_acc"],
+            SPLIT2=VARIANT["split2"],
         )
         self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
