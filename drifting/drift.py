@@ -464,13 +464,13 @@ def _scale_terms(p: _Problems) -> Tensor:
 
 
 def _square_sums(problems, chunks, scale: Tensor, options) -> tuple[Tensor, list[Tensor]]:
-    """Per problem [sum F_tau^2 for each tau, number of entries] (float64, [B, R + 1]) at this scale (a
-    scalar, or one per problem [B]), and the last chunk's forces."""
+    """Per problem [sum F_tau^2 for each tau, number of entries] (float64, [B, R + 1]) at this scale, and the last
+    chunk's forces."""
     parts, forces = [], []
     with torch.no_grad():
         for sl in chunks:
             p = problems(sl)
-            squares, forces = _square_terms(p, scale if scale.dim() == 0 else scale[sl], options)
+            squares, forces = _square_terms(p, scale, options)
             parts.append(_with_count(squares, p.x.shape))
     return parts[0] if len(parts) == 1 else torch.cat(parts), forces
 
@@ -486,13 +486,13 @@ def _with_count(squares: Tensor, shape) -> Tensor:
     return torch.nn.functional.pad(squares, (0, 1), value=shape[1] * shape[2])
 
 
-def _compilable_scale_terms(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype) -> Tensor:
-    """`_scale_terms` of one chunk from its raw slices: the problems built inside, so that the compiled version
+def _chunk_scale_terms(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype) -> Tensor:
+    """`_scale_terms` of one chunk from its raw slices: the problems are built inside, so that the compiled version
     fuses the casts and the concatenation too."""
     return _scale_terms(_problems(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype))
 
 
-def _compilable_square_terms(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype, scale, options) -> Tensor:
+def _chunk_square_terms(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype, scale, options) -> Tensor:
     """`_square_terms` of one chunk from its raw slices, the sums only (the forces never leave the graph)."""
     return _square_terms(_problems(gen, pos, neg, gen_weight, pos_weight, neg_weight, dtype), scale, options)[0]
 
@@ -504,16 +504,19 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=True)
 
 
-def _compiled_sums(fn, gen, pos, neg, gen_weight, pos_weight, neg_weight, chunks, *args) -> Tensor:
-    """Per problem, fn (compiled) over the chunks of the B axis, concatenated."""
-    def part(t, sl):
-        return None if t is None else t[sl]
-
+def _chunk_sums(fn, compiled: bool, gen, pos, neg, gen_weight, pos_weight, neg_weight, chunks,
+                scale: Tensor | None = None, *args) -> Tensor:
+    """Per problem, fn over the chunks of the B axis (under torch.compile if compiled), concatenated; scale (a
+    scalar, or one per problem) and args follow the chunk's tensors."""
+    run = _compiled(fn) if compiled else fn
     dtype = _compute_dtype(gen, pos, neg)
+    parts = []
     with torch.no_grad():
-        parts = [_compiled(fn)(*(part(t, sl) for t in (gen, pos, neg, gen_weight, pos_weight, neg_weight)), dtype,
-                               *(a[sl] if isinstance(a, Tensor) and a.dim() == 1 else a for a in args))
-                 for sl in chunks]
+        for sl in chunks:
+            sliced = [None if t is None else t[sl] for t in (gen, pos, neg, gen_weight, pos_weight, neg_weight)]
+            if scale is not None:
+                sliced.append(scale if scale.dim() == 0 else scale[sl])
+            parts.append(run(*sliced[:6], dtype, *sliced[6:], *args))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -570,17 +573,14 @@ def scale_sums(
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, (1.0,), "xy", 0.0, 0.0, 1.0, 1.0,
                        chunk_size, check_finite)
     _check_groups(groups, gen.shape[0])
-    if impl == "compiled":
-        per_problem = _compiled_sums(_compilable_scale_terms, gen, pos, neg, gen_weight, pos_weight, neg_weight,
-                                     _chunks(gen.shape[0], chunk_size))
-    elif _fused(impl, gen, pos, neg):
+    if impl != "compiled" and _fused(impl, gen, pos, neg):
         from drifting import kernels
 
         per_problem = kernels.fused_scale_sums(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
                                                neg_weight=neg_weight)
     else:
-        problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
-        per_problem = _scale_sums(problems, _chunks(gen.shape[0], chunk_size))
+        per_problem = _chunk_sums(_chunk_scale_terms, impl == "compiled", gen, pos, neg, gen_weight, pos_weight,
+                                  neg_weight, _chunks(gen.shape[0], chunk_size))
     return _segment_sums(per_problem, groups)
 
 
@@ -619,12 +619,7 @@ def field_square_sums(
     scale = (total_scale_sums[..., 0] / total_scale_sums[..., 1]).to(gen.device)
     if groups is not None:  # each problem at its own key's scale
         scale = torch.cat([s.expand(k) for s, k in zip(scale, groups)])
-    if impl == "compiled":
-        options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
-        per_problem = _with_count(_compiled_sums(_compilable_square_terms, gen, pos, neg, gen_weight, pos_weight,
-                                                 neg_weight, _chunks(gen.shape[0], chunk_size), scale, options),
-                                  gen.shape)
-    elif _fused(impl, gen, pos, neg):
+    if impl != "compiled" and _fused(impl, gen, pos, neg):
         from drifting import kernels
 
         per_problem = kernels.fused_square_sums(
@@ -632,9 +627,10 @@ def field_square_sums(
             neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
             attraction=attraction, repulsion=repulsion)
     else:
-        problems = _problem_slicer(gen, pos, neg, gen_weight, pos_weight, neg_weight, _compute_dtype(gen, pos, neg))
         options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
-        per_problem = _square_sums(problems, _chunks(gen.shape[0], chunk_size), scale, options)[0]
+        per_problem = _with_count(_chunk_sums(_chunk_square_terms, impl == "compiled", gen, pos, neg, gen_weight,
+                                              pos_weight, neg_weight, _chunks(gen.shape[0], chunk_size), scale,
+                                              options), gen.shape)
     return _segment_sums(per_problem, groups)
 
 

@@ -124,7 +124,7 @@ class TrainConfig:
     # samples' features for the loss calls (one encoder forward on them less per chunk). Same loss bit for bit.
     stats_keep_features: bool = False
     # With class chunks: the statistics math once per tap and pass, its keys' problems stacked, instead of once per key
-    # (~4x fewer kernels; the same statistics to float rounding; slower on a CPU, not yet timed on a GPU).
+    # (~4x fewer kernels; the same statistics to float rounding; slower on a CPU, 2% faster steps on an H200).
     stats_group_keys: bool = False
     # With class chunks: statistics calls of at least this many problems on the fused kernel (CUDA), smaller ones on
     # the reference math; None: all on the reference math (the kernel's one program per problem leaves the GPU
