@@ -128,11 +128,12 @@ class TrainConfig:
     stats_group_keys: bool = False
     # With class chunks: statistics calls of at least this many problems on the fused kernel (CUDA), smaller ones on
     # the reference math; None: all on the reference math (the kernel's one program per problem leaves the GPU
-    # nearly empty on small keys: docs/benchmarks.md). Same statistics to float rounding.
+    # nearly empty on small keys: docs/benchmarks.md). Same statistics to float rounding. Measured on an H200 at the
+    # ablation size: 0.5 s slower per step with N = 4096, so off by default.
     stats_fused_min_problems: int | None = None
     # With class chunks: the statistics' reference math under torch.compile (dynamic shapes; a few compilations at
     # the start). Same statistics to float rounding (which on keys of nearly equal vectors is ~1e-2 in float32 on
-    # either path: docs/benchmarks.md).
+    # either path: docs/benchmarks.md). On an H200 at the ablation size, 18% off the statistics pass (sixth sitting).
     stats_compiled: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
