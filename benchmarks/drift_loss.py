@@ -8,6 +8,10 @@ problem and bytes = inputs read once + gradient written once, and the ratio to t
 
     python benchmarks/drift_loss.py --out results.json                 # on a CUDA machine
     python benchmarks/drift_loss.py --impls reference --keys 4x4 --device cpu --repeat 1   # a smoke test
+
+As a chunked training step calls it: `--keys none --all-keys --training-dtypes --classes 4` (the 86 keys of one
+chunk of 4 classes, the mean and std keys in fp32 as the features give them; a 64-class step makes 16 such calls per
+key). `--kernel-variant fp32_dot=tf32x3` sets `drift_triton.VARIANT` for the fused path.
 """
 
 from __future__ import annotations
@@ -50,22 +54,29 @@ def ablation_key_set() -> list[tuple[str, int, int]]:
     return keys
 
 
-def make_inputs(locations: int, s: int, device: str, seed: int = 0):
+def training_dtype(name: str) -> torch.dtype:
+    """The dtype a training step's features give a key of `ablation_key_set`: the location keys and `global` come
+    from the bf16 encoder and generator as they are; the mean, std and norm_x keys are computed in fp32
+    (drifting/features.py)."""
+    return torch.float32 if name == "norm_x" or "_mean" in name or "_std" in name else torch.bfloat16
+
+
+def make_inputs(locations: int, s: int, device: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
     g = torch.Generator(device=device).manual_seed(seed)
     b = N_C * locations
-    gen = torch.randn(b, C_G, s, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
-    pos = torch.randn(b, C_P, s, generator=g, device=device, dtype=torch.bfloat16)
-    neg = torch.randn(b, C_N, s, generator=g, device=device, dtype=torch.bfloat16)
+    gen = torch.randn(b, C_G, s, generator=g, device=device, dtype=dtype).requires_grad_()
+    pos = torch.randn(b, C_P, s, generator=g, device=device, dtype=dtype)
+    neg = torch.randn(b, C_N, s, generator=g, device=device, dtype=dtype)
     # guidance weights w = (alpha - 1)(C_g - 1)/C_n for alpha in [1, 4], one per class, repeated over locations
     alpha = 1 + 3 * torch.rand(N_C, generator=g, device=device)
     w = ((alpha - 1) * (C_G - 1) / C_N).repeat_interleave(locations)[:, None].expand(b, C_N).contiguous()
     return gen, pos, neg, w
 
 
-def floor_ms(locations: int, s: int) -> float:
+def floor_ms(locations: int, s: int, itemsize: int = 2) -> float:
     b, t = N_C * locations, C_G + C_N + C_P
     flops = b * (1 + len(TEMPERATURES)) * 2 * C_G * t * s
-    bytes_ = b * t * s * 2 + b * C_G * s * 2 + b * C_N * 4
+    bytes_ = b * t * s * itemsize + b * C_G * s * itemsize + b * C_N * 4
     return 1e3 * max(flops / PEAK_FLOPS, bytes_ / PEAK_BYTES)
 
 
@@ -104,29 +115,51 @@ def time_impl(impl: str, inputs, device: str, repeat: int) -> tuple[float, float
 
 
 def main() -> None:
-    global _compiled
+    global _compiled, N_C
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="reference,fused", help="comma list of reference, fused, compiled")
-    parser.add_argument("--keys", default=",".join(KEYS), help="comma list of " + ", ".join(KEYS))
+    parser.add_argument("--keys", default=",".join(KEYS), help="comma list of " + ", ".join(KEYS) + " (or none)")
     parser.add_argument("--all-keys", action="store_true", help="also time the whole 86-key ablation set")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the inputs' dtype")
+    parser.add_argument("--training-dtypes", action="store_true",
+                        help="86-key set: each key in the dtype a training step gives it (mean/std keys fp32)")
+    parser.add_argument("--classes", type=int, default=N_C, help="N_C classes per call (a training chunk: 4)")
+    parser.add_argument("--kernel-variant", default="", help="drift_triton.VARIANT items, e.g. fp32_dot=tf32x3")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     impls = args.impls.split(",")
+    key_names = [] if args.keys == "none" else args.keys.split(",")
+    unknown = [k for k in key_names if k not in KEYS]
+    if unknown:
+        parser.error(f"--keys: expected names from {', '.join(KEYS)} or none, got {', '.join(unknown)}")
+    if args.classes < 1:
+        parser.error(f"--classes: expected >= 1, got {args.classes}")
+    if args.kernel_variant:
+        from drifting.kernels import drift_triton  # needs Triton: only when asked for
+
+        try:
+            drift_triton.set_variant(args.kernel_variant)
+        except ValueError as err:
+            parser.error(f"--kernel-variant: {err}")
+    N_C = args.classes
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if "compiled" in impls:
         _compiled = torch.compile(_reference)
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"drifting loss, forward + backward, bf16 inputs, {card}")
+    print(f"drifting loss, forward + backward, {args.dtype} inputs, {N_C} classes, {card}"
+          + (f", kernel variant {args.kernel_variant}" if args.kernel_variant else ""))
     rows = []
     header = f"{'key':<10} {'problems':>8} {'S':>5} {'in GiB':>7} {'floor ms':>8} " + " ".join(
         f"{impl + ' ms/GiB':>20} {'x floor':>7}" for impl in impls)
     print(header)
-    for key in args.keys.split(","):
+    for key in key_names:
         locations, s = KEYS[key]
-        inputs = make_inputs(locations, s, args.device)
+        inputs = make_inputs(locations, s, args.device, dtype=dtype)
         in_gib = sum(t.numel() * t.element_size() for t in inputs) / 2**30
-        row = {"key": key, "problems": N_C * locations, "S": s, "input_gib": in_gib, "floor_ms": floor_ms(locations, s)}
+        row = {"key": key, "problems": N_C * locations, "S": s, "input_gib": in_gib,
+               "floor_ms": floor_ms(locations, s, dtype.itemsize)}
         for impl in impls:
             ms, gib = time_impl(impl, inputs, args.device, args.repeat)
             row[impl] = {"ms": ms, "peak_gib": gib, "x_floor": ms / row["floor_ms"]}
@@ -139,12 +172,14 @@ def main() -> None:
     if args.all_keys:
         keys = ablation_key_set()
         assert len(keys) == 86
-        total_floor = sum(floor_ms(l, s) for _, l, s in keys)
-        row = {"key": "86 keys", "problems": N_C * sum(l for _, l, _ in keys), "floor_ms": total_floor}
+        dtypes = {name: training_dtype(name) if args.training_dtypes else dtype for name, _, _ in keys}
+        total_floor = sum(floor_ms(l, s, dtypes[name].itemsize) for name, l, s in keys)
+        row = {"key": "86 keys", "problems": N_C * sum(l for _, l, _ in keys), "floor_ms": total_floor,
+               "training_dtypes": args.training_dtypes, "fp32_keys": sum(d == torch.float32 for d in dtypes.values())}
         for impl in impls:
             total_ms, peak = 0.0, 0.0
             for name, locations, s in keys:
-                inputs = make_inputs(locations, s, args.device)
+                inputs = make_inputs(locations, s, args.device, dtype=dtypes[name])
                 ms, gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2))
                 total_ms, peak = total_ms + ms, max(peak, gib)
                 del inputs
@@ -154,7 +189,8 @@ def main() -> None:
             f"{row[i]['ms']:>11.2f} / {row[i]['peak_gib']:>6.2f} {row[i]['x_floor']:>7.1f}" for i in impls))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"card": card, "torch": torch.__version__, "classes": N_C, "dtype": args.dtype,
+                       "kernel_variant": args.kernel_variant, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ matter for its pipelining (asynchronous copies, tensor-core products and their w
 
 The launch is specialised as at the ablation's 32x32 key (bf16 inputs, C_g = C_p = 64, C_n = 16, S = 256, three
 temperatures, guidance weights on the negatives; pointers and row strides divisible by 16, unit column strides), so
-the code is what an H100/H200 runs there.
+the code is what an H100/H200 runs there. With --dtype fp32, as at the window mean and std keys of a training step
+(fp32 inputs), with their products as VARIANT["fp32_dot"] or --fp32-dot says ("ieee": FMAs; "tf32x3": tensor cores).
 
     python benchmarks/kernel_resources.py                     # sm_90, 4 warps, 2 stages, S tiles of 64
     python benchmarks/kernel_resources.py --warps 8 --arch 90
+    python benchmarks/kernel_resources.py --dtype fp32 --fp32-dot tf32x3
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from triton.compiler import ASTSource
 
 from drifting.kernels import drift_triton
 
-PTX_COUNTS = ("cp.async.cg", "cp.async.wait", "wgmma.mma_async", "wgmma.wait_group", "fence.proxy.async", "bar.sync")
+PTX_COUNTS = ("cp.async.cg", "cp.async.wait", "wgmma.mma_async", "wgmma.wait_group", "fence.proxy.async", "bar.sync",
+              "fma.rn.f32")
 PASSES = {  # label -> kernel constexprs that differ from pass 1's
     "pass 1 (scale sums)": dict(PASS=1),
     "pass 2 (square sums), writes the normalisers": dict(PASS=2, STORE_NORM=True),
@@ -33,17 +36,22 @@ PASSES = {  # label -> kernel constexprs that differ from pass 1's
 }
 
 
-def compile_pass(arch: int = 90, num_warps: int = 4, num_stages: int = 2, block_s: int = 64, **constexprs):
-    """The compiled kernel (triton.compile) of one pass for cuda sm_<arch>, specialised as at the 32x32 key."""
+def compile_pass(arch: int = 90, num_warps: int = 4, num_stages: int = 2, block_s: int = 64, dtype: str = "bf16",
+                 fp32_dot: str | None = None, **constexprs):
+    """The compiled kernel (triton.compile) of one pass for cuda sm_<arch>, specialised as at the 32x32 key, with
+    inputs (and gradient) of `dtype` ("bf16" or "fp32")."""
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"dtype: expected 'bf16' or 'fp32', got {dtype!r}")
     fn = drift_triton._drift_kernel
     names = list(inspect.signature(fn.fn).parameters)
     const = dict(PASS=1, R=3, NORMALIZE=0, HAS_NEG=True, HAS_WG=False, HAS_WN=True, HAS_WP=False, BG=64, BN=16, BP=64,
-                 BS=block_s, IEEE=False, UPCAST=False, WRITE_GRAD=False, UNROLL_R=1, SPLIT2=True, STORE_NORM=False,
-                 LOAD_NORM=False, sgs=1, sns=1, sps=1)  # unit column strides are specialised as constants
+                 BS=block_s, IEEE=dtype == "fp32", UPCAST=False, F32DOT=fp32_dot or drift_triton.VARIANT["fp32_dot"],
+                 WRITE_GRAD=False, UNROLL_R=1, SPLIT2=True, STORE_NORM=False, LOAD_NORM=False,
+                 sgs=1, sns=1, sps=1)  # unit column strides are specialised as constants
     const.update(constexprs)
-    bf16 = ("gen_ptr", "neg_ptr", "pos_ptr", "grad_ptr")
+    inputs = ("gen_ptr", "neg_ptr", "pos_ptr", "grad_ptr")
     floats = ("sqrt_floor", "self_mask", "attraction", "repulsion")
-    signature = {n: "constexpr" if n in const else ("*bf16" if n in bf16 else "*fp32") if n.endswith("_ptr")
+    signature = {n: "constexpr" if n in const else (f"*{dtype}" if n in inputs else "*fp32") if n.endswith("_ptr")
                  else "fp32" if n in floats else "i32" for n in names}
     div16 = [n for n in names if n.endswith("_ptr") or n in ("sgb", "sgr", "snb", "snr", "spb", "spr", "CG", "CN", "CP",
                                                               "S")]
@@ -73,11 +81,15 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--block-s", type=int, default=64)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the inputs' dtype")
+    parser.add_argument("--fp32-dot", choices=("ieee", "tf32x3"), help="fp32 products (default: the kernel's VARIANT)")
     args = parser.parse_args()
-    print(f"sm_{args.arch}, {args.warps} warps, {args.stages} stages, S tiles of {args.block_s}; Triton "
-          f"{triton.__version__}")
+    dot = f", fp32 products {args.fp32_dot or drift_triton.VARIANT['fp32_dot']}" if args.dtype == "fp32" else ""
+    print(f"sm_{args.arch}, {args.warps} warps, {args.stages} stages, S tiles of {args.block_s}, {args.dtype} inputs"
+          f"{dot}; Triton {triton.__version__}")
     for label, constexprs in PASSES.items():
-        kernel = compile_pass(args.arch, args.warps, args.stages, args.block_s, **constexprs)
+        kernel = compile_pass(args.arch, args.warps, args.stages, args.block_s, args.dtype, args.fp32_dot,
+                              **constexprs)
         print(f"{label:<46} {resource_usage(kernel)}")
         print(f"{'':<46} {ptx_counts(kernel)}", flush=True)
 

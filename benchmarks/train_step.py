@@ -64,7 +64,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--baseline", help="the JSON of a 1-GPU run: report the scaling efficiency against it")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--profile", help="also profile one step (torch.profiler) and write its table of operators here")
-    return p.parse_args()
+    p.add_argument("--kernel-variant", default="",
+                   help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
+    args = p.parse_args()
+    if args.kernel_variant:
+        from drifting.kernels import drift_triton  # needs Triton: only when asked for
+
+        try:
+            drift_triton.set_variant(args.kernel_variant)
+        except ValueError as err:
+            p.error(f"--kernel-variant: {err}")
+    return args
 
 
 def main() -> None:
@@ -285,7 +295,8 @@ def main() -> None:
     samples_per_s = t.classes * t.gen_per_class / step_s
     result = {
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
-        "compile": args.compile, "classes": t.classes, "class_chunk": chunk, "gen_per_class": t.gen_per_class,
+        "compile": args.compile, "kernel_variant": args.kernel_variant, "classes": t.classes, "class_chunk": chunk,
+        "gen_per_class": t.gen_per_class,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,
         "split_ms": {k: 1e3 * v for k, v in split.items()},

@@ -7,6 +7,10 @@ inputs as timed, and the same problems in fp32).
 
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants recompute,share,share_nosplit2
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants share --block-s 32,64 --warps 4,8 --stages 1,2
+    python benchmarks/tune_drift_kernel.py --key 16x16 --dtype fp32 --variants share,share_tf32x3 --block-s 16,32,64
+
+With --dtype fp32 the inputs are fp32, as the mean and std keys of a training step; --block-s 0 is the kernel's own
+choice.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ VARIANTS = {
     # pass 3 reads the softmax normalisers of pass 2: one exponential per entry and temperature, no column sums
     "share": dict(share_norm=True, split2=True),
     "share_nosplit2": dict(share_norm=True, split2=False),
+    # fp32 inputs: products on the tensor cores as three TF32 products each, instead of FMAs
+    "share_tf32x3": dict(share_norm=True, split2=True, fp32_dot="tf32x3"),
 }
 DEFAULT_VARIANT = dict(drift_triton.VARIANT)
 OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,
@@ -101,16 +107,18 @@ def main() -> None:
     parser.add_argument("--key", default="32x32", choices=list(KEYS))
     parser.add_argument("--variants", default="recompute,share", help="comma list of " + ", ".join(VARIANTS))
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--block-s", default="64")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the inputs' dtype")
+    parser.add_argument("--block-s", default="0", help="comma list of S tile widths (0: the kernel's choice)")
     parser.add_argument("--warps", default="4")
     parser.add_argument("--stages", default="2")
     parser.add_argument("--check-problems", default="9,1024", help="problems in the accuracy checks (0: none)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     locations, s = KEYS[args.key]
-    gen, pos, neg, w = make_inputs(locations, s, "cuda")
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    gen, pos, neg, w = make_inputs(locations, s, "cuda", dtype=dtype)
     card = torch.cuda.get_device_name()
-    print(f"key {args.key}, {card}: floor {floor_ms(locations, s):.2f} ms, "
+    print(f"key {args.key}, {args.dtype} inputs, {card}: floor {floor_ms(locations, s, dtype.itemsize):.2f} ms, "
           f"inputs {sum(t.numel() * t.element_size() for t in (gen, pos, neg)) / 2**30:.2f} GiB")
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     grid = [(bs, wp, st) for bs in ints(args.block_s) for wp in ints(args.warps) for st in ints(args.stages)]
@@ -119,7 +127,7 @@ def main() -> None:
     for name in args.variants.split(","):
         drift_triton.VARIANT.update(DEFAULT_VARIANT, **VARIANTS[name])
         for block_s, warps, stages in grid:
-            launch = dict(block_s=block_s, num_warps=warps, num_stages=stages)
+            launch = dict(block_s=block_s or None, num_warps=warps, num_stages=stages)
             label = f"{name:<15} S-tile {block_s:>3} warps {warps:>2} stages {stages}"
             try:
                 row = {"variant": name, **launch, **measure(gen, pos, neg, w, launch, args.repeat)}
@@ -136,7 +144,8 @@ def main() -> None:
                   f"{row['pass3_ms']:6.2f}  peak {row['peak_gib']:.2f} GiB  {errs}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": card, "torch": torch.__version__, "key": args.key, "rows": rows}, f, indent=2)
+            json.dump({"card": card, "torch": torch.__version__, "key": args.key, "dtype": args.dtype, "rows": rows},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

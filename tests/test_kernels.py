@@ -44,8 +44,13 @@ def run(impl, gen, pos, neg, w, **kwargs):
     return loss.detach(), leaf.grad, info
 
 
+@pytest.mark.parametrize("fp32_dot", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_equals_reference_fp32(shape):
+def test_fused_equals_reference_fp32(shape, fp32_dot, monkeypatch):
+    """fp32 inputs (the mean and std keys of a training step), products as FMAs or as three TF32 products."""
+    from drifting.kernels import drift_triton
+
+    monkeypatch.setitem(drift_triton.VARIANT, "fp32_dot", fp32_dot)
     gen, pos, neg, w = inputs(shape, torch.float32)
     loss_r, grad_r, info_r = run("reference", gen, pos, neg, w)
     loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)

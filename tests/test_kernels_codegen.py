@@ -16,17 +16,53 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 
 
-def test_the_distance_loop_is_not_pipelined_and_fences_before_the_tensor_cores():
+def _compile(**kwargs):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
         import kernel_resources
     finally:
         sys.path.pop(0)
     try:
-        kernel = kernel_resources.compile_pass(PASS=1)
+        return kernel_resources, kernel_resources.compile_pass(**kwargs)
     except Exception as err:  # a Triton without the NVIDIA backend or its tools
         pytest.skip(f"cannot compile for sm_90 here: {type(err).__name__}: {err}")
-    counts = kernel_resources.ptx_counts(kernel)
+
+
+def test_the_distance_loop_is_not_pipelined_and_fences_before_the_tensor_cores():
+    tools, kernel = _compile(PASS=1)
+    counts = tools.ptx_counts(kernel)
     assert counts["wgmma.mma_async"] > 0  # bf16 tensor-core products, as on the GPU
     assert counts["cp.async.cg"] == 0, counts  # no asynchronous copies: the loop is not pipelined
     assert counts["fence.proxy.async"] > 0, counts  # shared-memory writes fenced before the tensor cores read them
+
+
+def test_fp32_inputs_at_the_default_tile_do_not_spill_in_pass_1():
+    """fp32 inputs (a training step's mean and std keys) at tiles of 64 spilled 7.7 KB per thread in pass 1; the
+    kernel's fp32 tile (VARIANT["fp32_block_s"]) must not spill there."""
+    from drifting.kernels import drift_triton
+
+    tools, kernel = _compile(PASS=1, dtype="fp32", block_s=drift_triton.VARIANT["fp32_block_s"], fp32_dot="ieee")
+    usage = tools.resource_usage(kernel)
+    assert "STACK:0 " in usage, usage
+    assert tools.ptx_counts(kernel)["wgmma.mma_async"] == 0  # "ieee": FMAs, no tensor cores
+
+
+def test_tf32x3_products_run_on_the_tensor_cores():
+    tools, kernel = _compile(PASS=1, dtype="fp32", block_s=32, fp32_dot="tf32x3")
+    counts = tools.ptx_counts(kernel)
+    assert counts["wgmma.mma_async"] > 0, counts
+    assert "tf32" in kernel.asm["ptx"]
+
+
+def test_set_variant_checks_every_item_before_applying_any(monkeypatch):
+    from drifting.kernels import drift_triton
+
+    monkeypatch.setattr(drift_triton, "VARIANT", dict(drift_triton.VARIANT))
+    before = dict(drift_triton.VARIANT)
+    for bad, message in [("fp32_dot=tf32x3,nope=1", "name in"), ("fp32_dot=tf32", "'ieee' or 'tf32x3'"),
+                         ("split2=maybe", "true or false"), ("fp32_block_s=48", "tile width"), ("split2", "name=value")]:
+        with pytest.raises(ValueError, match=message):
+            drift_triton.set_variant(bad)
+        assert drift_triton.VARIANT == before
+    new = drift_triton.set_variant("fp32_dot=tf32x3, fp32_block_s=16,split2=false")
+    assert new == {**before, "fp32_dot": "tf32x3", "fp32_block_s": 16, "split2": False}

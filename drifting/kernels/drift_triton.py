@@ -43,22 +43,52 @@ MAX_BLOCK_ROWS = 128  # C_g and C_p up to 128 (the paper uses 64 and 128); large
 MAX_BLOCK_NEG = 64
 NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # Kernel variants (benchmarks/tune_drift_kernel.py --variants): share_norm = pass 2 hands its softmax normalisers
-# to pass 3 of the same call; split2 = hi/lo-split force coefficients in pass 2 (bf16 inputs).
-VARIANT = dict(split2=True, share_norm=True)
+# to pass 3 of the same call; split2 = hi/lo-split force coefficients in pass 2 (bf16 inputs); fp32_dot = how the
+# products of fp32 inputs run: "ieee" (CUDA-core FMAs, exact fp32) or "tf32x3" (tensor cores, three TF32 products
+# per product: ~21 mantissa bits); fp32_block_s = the S tile width with fp32 inputs. A training step feeds the kernel
+# fp32 inputs on 73 of its 86 keys (the mean and std keys), where tiles of 64 spill: compiled for sm_90, 7.7 KB per
+# thread in pass 1 and 2.5 KB in passes 2-3, against 0 and 0.2-0.5 KB with tiles of 32
+# (`benchmarks/kernel_resources.py --dtype fp32 --block-s 32`; docs/benchmarks.md, sixth sitting).
+VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32)
+
+
+def set_variant(text: str) -> dict:
+    """Update VARIANT from "name=value,name=value" (benchmarks' --kernel-variant); returns the new VARIANT. Every
+    item is checked before any is applied."""
+    new = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in VARIANT or not value:
+            raise ValueError(f"kernel variant: expected name=value with a name in {sorted(VARIANT)}, got {item!r}")
+        old = VARIANT[name]
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"kernel variant {name}: expected true or false, got {value!r}")
+            new[name] = value.lower() in ("true", "1")
+        elif isinstance(old, int):
+            if not value.isdigit() or int(value) not in (16, 32, 64, 128):
+                raise ValueError(f"kernel variant {name}: expected a tile width of 16, 32, 64 or 128, got {value!r}")
+            new[name] = int(value)
+        elif name == "fp32_dot" and value not in ("ieee", "tf32x3"):
+            raise ValueError(f"kernel variant fp32_dot: expected 'ieee' or 'tf32x3', got {value!r}")
+        else:
+            new[name] = value
+    VARIANT.update(new)
+    return VARIANT
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr, F32DOT: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision=F32DOT)  # "ieee" or "tf32x3" (VARIANT["fp32_dot"])
     else:
         return tl.dot(a, b)
 
 
 @triton.jit
-def _force_dot(coef, y, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+def _force_dot(coef, y, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, F32DOT: tl.constexpr):
     """coef [M, K] fp32 @ y [K, N] (bf16 or fp32).
 
     With bf16 y and SPLIT, coef = hi + lo in bf16 (two products): the coefficients keep ~16 mantissa bits.
@@ -67,7 +97,7 @@ def _force_dot(coef, y, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.cons
     (1.0e-4 at 9 problems), against ~3e-6 split; off by default.
     """
     if IEEE or UPCAST:
-        return _dot(coef, y.to(tl.float32), True, UPCAST)
+        return _dot(coef, y.to(tl.float32), True, UPCAST, F32DOT)
     elif SPLIT:
         hi = coef.to(tl.bfloat16)
         lo = (coef - hi.to(tl.float32)).to(tl.bfloat16)
@@ -129,7 +159,7 @@ def _drift_kernel(
     PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_GRAD: tl.constexpr, UNROLL_R: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, F32DOT: tl.constexpr, WRITE_GRAD: tl.constexpr, UNROLL_R: tl.constexpr,
     SPLIT2: tl.constexpr, STORE_NORM: tl.constexpr, LOAD_NORM: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -157,15 +187,15 @@ def _drift_kernel(
         cols = s0 + rs
         xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
         xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
-        acc_gg += _dot(xg, tl.trans(xg), IEEE, UPCAST)
-        acc_gp += _dot(xg, tl.trans(xp), IEEE, UPCAST)
+        acc_gg += _dot(xg, tl.trans(xg), IEEE, UPCAST, F32DOT)
+        acc_gp += _dot(xg, tl.trans(xp), IEEE, UPCAST, F32DOT)
         xg32 = xg.to(tl.float32)
         xp32 = xp.to(tl.float32)
         sq_g += tl.sum(xg32 * xg32, axis=1)
         sq_p += tl.sum(xp32 * xp32, axis=1)
         if HAS_NEG:
             xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
-            acc_gn += _dot(xg, tl.trans(xn), IEEE, UPCAST)
+            acc_gn += _dot(xg, tl.trans(xn), IEEE, UPCAST, F32DOT)
             xn32 = xn.to(tl.float32)
             sq_n += tl.sum(xn32 * xn32, axis=1)
     d_gg = tl.sqrt(tl.maximum(sq_g[:, None] + sq_g[None, :] - 2.0 * acc_gg, 1e-8))
@@ -274,10 +304,11 @@ def _drift_kernel(
                     cols = s0 + rs
                     xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
                     xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
-                    f = _force_dot(c_gg, xg, IEEE, UPCAST, SPLIT2) + _force_dot(c_gp, xp, IEEE, UPCAST, SPLIT2)
+                    f = (_force_dot(c_gg, xg, IEEE, UPCAST, SPLIT2, F32DOT)
+                         + _force_dot(c_gp, xp, IEEE, UPCAST, SPLIT2, F32DOT))
                     if HAS_NEG:
                         xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
-                        f += _force_dot(c_gn, xn, IEEE, UPCAST, SPLIT2)
+                        f += _force_dot(c_gn, xn, IEEE, UPCAST, SPLIT2, F32DOT)
                     f -= rsum[:, None] * xg.to(tl.float32)
                     f_sq += tl.sum(f * f, axis=1)
                 tl.store(out_ptr + b * (R + 1) + r, tl.sum(f_sq, axis=0) / (s_in * s_in))  # [B, R + 1]: count last
@@ -298,10 +329,11 @@ def _drift_kernel(
                 cols = s0 + rs
                 xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
                 xp = _load_rows(pos_ptr, spb, spr, sps, b, rp, CP, cols, S)
-                f = _force_dot(coef_gg, xg, IEEE, UPCAST, True) + _force_dot(coef_gp, xp, IEEE, UPCAST, True)
+                f = (_force_dot(coef_gg, xg, IEEE, UPCAST, True, F32DOT)
+                     + _force_dot(coef_gp, xp, IEEE, UPCAST, True, F32DOT))
                 if HAS_NEG:
                     xn = _load_rows(neg_ptr, snb, snr, sns, b, rn, CN, cols, S)
-                    f += _force_dot(coef_gn, xn, IEEE, UPCAST, True)
+                    f += _force_dot(coef_gn, xn, IEEE, UPCAST, True, F32DOT)
                 f = (f - rsum[:, None] * xg.to(tl.float32)) / s_in
                 loss += tl.sum(f * f, axis=1)
                 if WRITE_GRAD:
@@ -381,7 +413,8 @@ class _Kernel:
         # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py, docs/benchmarks.md): 64-wide
         # tiles of S, one warpgroup, a rolled temperature loop: 28 ms against 41-48 ms for the other settings tried.
         # Blocks of 128 rows need less shared memory per stage (their fp32 coefficient tiles are dot operands).
-        bs = block_s or (32 if large else 64)
+        # fp32 inputs: narrower tiles (VARIANT["fp32_block_s"]), as wide ones spill (see VARIANT).
+        bs = block_s or (32 if large else VARIANT["fp32_block_s"] if ieee else 64)
         warps = num_warps or (8 if large else 4)
         stages = num_stages or (1 if large else 2)
         unroll_r = int(os.environ.get("DRIFTING_UNROLL_R", "1"))
@@ -391,8 +424,8 @@ class _Kernel:
             attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
             NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
             HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
-            IEEE=ieee, UPCAST=_INTERPRET, num_warps=warps, num_stages=stages, UNROLL_R=unroll_r,
-            SPLIT2=VARIANT["split2"],
+            IEEE=ieee, UPCAST=_INTERPRET, F32DOT=VARIANT["fp32_dot"], num_warps=warps, num_stages=stages,
+            UNROLL_R=unroll_r, SPLIT2=VARIANT["split2"],
         )
         self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
