@@ -57,6 +57,9 @@ class PolicyTrainConfig:
     # bf16 autocast of the network (the drifting loss and the DDPM loss stay fp32): the U-Net at Diffusion Policy's
     # widths is compute-bound on a GPU at the drifting batch (B C_g chunks per step). Off: the measured runs were fp32.
     bf16: bool = False
+    # torch.compile the network for the training forwards (its GroupNorm and Mish chains fuse; the same weights and
+    # results to float rounding, one compilation at the start). Untimed on a GPU so far; off by default.
+    compile: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     log_every: int = 50
@@ -155,6 +158,7 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
     policy = policy.to(device)
     ema = ema_copy(policy)
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=(0.95, 0.999), weight_decay=t.weight_decay)
+    net = torch.compile(policy.net) if t.compile else policy.net  # shares policy.net's parameters
     start, ckpt_dir = 0, run_dir / "checkpoints"
     if resume and latest_checkpoint(ckpt_dir) is not None:
         state = load_checkpoint(ckpt_dir, map_location=device)
@@ -184,7 +188,7 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
             # C_g generated chunks per problem, all from one forward pass
             noise = on_device(torch.randn(t.batch * t.gen_per_obs, H, D, generator=g))
             with autocast:
-                gen = policy.generate(cond.repeat_interleave(t.gen_per_obs, 0), noise)  # (B C_g, H, D)
+                gen = net(noise, cond.repeat_interleave(t.gen_per_obs, 0))  # policy.generate: (B C_g, H, D)
             gen = gen.float().reshape(t.batch, t.gen_per_obs, H * D)  # (B, C_g, S)
             if neighbours is not None:
                 pos = chunks_all[on_device(neighbours[idx])].flatten(2)  # (B, K, S)
@@ -196,7 +200,7 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
             noise = on_device(torch.randn(target.shape, generator=g))
             tt = on_device(torch.randint(policy.ddpm.steps, (t.batch,), generator=g))
             with autocast:
-                pred = policy.net(policy.ddpm.add_noise(target, noise, tt), cond, tt)
+                pred = net(policy.ddpm.add_noise(target, noise, tt), cond, tt)
             loss = F.mse_loss(pred.float(), noise)
             info = {}
         opt.zero_grad(set_to_none=True)
