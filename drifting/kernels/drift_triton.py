@@ -19,7 +19,8 @@ Each pass recomputes the distances (one [C_g, S] x [S, T] product). Precision: w
 product runs on bf16 tensor cores with fp32 accumulation, which is exact for the products of bf16 values; in pass 3
 the fp32 force coefficients are split into a bf16 high and low part (two products, ~16 mantissa bits), so the force
 and the gradient keep about 1e-5 relative accuracy (pass 2 likewise). With other input dtypes every product runs
-in full fp32 ("ieee"). Counted in [C_g, S] x [S, T] products, a call costs 1 + (1 + 2R) + (1 + 2) = 11 for R = 3
+in full fp32 ("ieee", CUDA-core FMAs, on S tiles of 32), or, with VARIANT["fp32_dot"] = "tf32x3", as three TF32
+tensor-core products. Counted in [C_g, S] x [S, T] products, a call costs 1 + (1 + 2R) + (1 + 2) = 11 for R = 3
 temperatures, against 1 + R = 4 for a single pass that could keep everything on chip.
 """
 
