@@ -3,6 +3,8 @@
 Skips cleanly without the `policy` extra (gym-pusht, pymunk, zarr...). CPU only, a few seconds in all.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from drifting.policy.demos import (  # noqa: E402
     DemoConfig, PushTDemos, export_npz, read_demos, read_zarr, split_episodes, synthetic_zarr, window_index,
 )
 from drifting.policy.env import PushT, dp_reset_state  # noqa: E402
-from drifting.policy.evaluate import chunk_latency, evaluate  # noqa: E402
+from drifting.policy.evaluate import chunk_latency, cli as eval_cli, evaluate, score_spread  # noqa: E402
 from drifting.policy.model import ChunkPolicy, ChunkUNet, PolicyModelConfig  # noqa: E402
 from drifting.policy.train import PolicyConfig, PolicyTrainConfig, knn_index, load_policy, main  # noqa: E402
 from drifting.train.checkpoint import load_checkpoint  # noqa: E402
@@ -206,3 +208,24 @@ def test_compiled_training_matches_eager(tmp_path, method):
                                 tmp_path / str(compiled))["loss"]
         load_policy(tmp_path / str(compiled) / "policy.pt")  # strict load: no "_orig_mod." keys
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_score_spread():
+    out = score_spread([1.0, 0.0, 0.5, 0.02])
+    assert out["episodes_below_0.05"] == 2
+    assert out["score_se"] == pytest.approx(np.std([1.0, 0.0, 0.5, 0.02], ddof=1) / 2)
+
+
+def test_eval_cli_reports_the_spread_and_extra_sample_seeds(tmp_path):
+    path = synthetic_zarr(tmp_path / "tiny.zarr")
+    train = PolicyTrainConfig(k_pos=4, gen_per_obs=4, batch=8, steps=1, log_every=1, warmup_steps=1, device="cpu")
+    main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / "run")
+    out = tmp_path / "eval.json"
+    eval_cli([str(tmp_path / "run" / "policy.pt"), "--episodes", "2", "--max-steps", "9", "--device", "cpu",
+              "--sample-seeds", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["scores_by_sample_seed"][0] == result["score"] and len(result["scores_by_sample_seed"]) == 2
+    assert result["score_mean_over_sample_seeds"] == pytest.approx(np.mean(result["scores_by_sample_seed"]))
+    assert "score_se" in result and 0 <= result["episodes_below_0.05"] <= 2
+    with pytest.raises(SystemExit):
+        eval_cli([str(tmp_path / "run" / "policy.pt"), "--sample-seeds", "0"])
