@@ -191,7 +191,7 @@ def main() -> None:
                 mark("generator forward")
                 with autocast, record_function("loss call"):
                     loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
-                                      chunk=k)
+                                      chunk=k, group_keys=t.loss_group_keys and stats is not None)
                 mark("loss call")
                 with record_function("backward"):
                     (loss * world).backward()

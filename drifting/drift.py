@@ -370,6 +370,7 @@ def drift_loss(
     stats: DriftStats | None = None,
     check_finite: bool = True,
     impl: Literal["auto", "reference", "fused"] = "auto",
+    groups: Sequence[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The drifting loss of the authors' code for one feature key: B independent problems sharing global statistics.
 
@@ -391,6 +392,10 @@ def drift_loss(
         impl: "reference" (this function's PyTorch code), "fused" (the Triton kernel of `drifting.kernels`, which
             never materialises [B, C_g, T] tensors; same results within float tolerance) or "auto" (fused for CUDA
             inputs when Triton is available and the problem fits the kernel).
+        groups: the problems of K keys (of one feature size S) stacked along B as K consecutive groups of these
+            counts, each at its own key's statistics: `stats` is then required, with scale [K] and drift_ms [K, R]
+            (stacked `DriftStats`). The losses equal K separate calls; one call instead of K (few-problem keys
+            leave the GPU nearly empty alone).
 
     Algorithm (official-code-notes.md 1.2): distances d on raw features; scale = sum w d / (C_g sum w) over the
     call; coordinates divided by s_in = max(scale / sqrt(S), 1e-3); normalised distances d / max(scale, 1e-3) with
@@ -405,16 +410,27 @@ def drift_loss(
     temperatures = tuple(temperatures)
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
                        self_mask, attraction, repulsion, chunk_size, check_finite)
-    if stats is not None and (not isinstance(stats, DriftStats) or stats.drift_ms.shape != (len(temperatures),)):
-        raise ValueError(f"stats: expected DriftStats with drift_ms of shape [{len(temperatures)}]")
+    stats_shape = (len(temperatures),) if groups is None else (len(groups), len(temperatures))
+    if stats is not None and (not isinstance(stats, DriftStats) or stats.drift_ms.shape != stats_shape
+                              or stats.scale.shape != stats_shape[:-1]):
+        raise ValueError(f"stats: expected DriftStats with scale of shape {list(stats_shape[:-1])} and drift_ms of "
+                         f"shape {list(stats_shape)}")
+    key_stats = stats
+    if groups is not None:
+        _check_groups(groups, gen.shape[0])
+        if stats is None or all_reduce is not None:
+            raise ValueError("groups: expected the stacked statistics of the keys in stats, and no all_reduce")
+        # each problem at its key's statistics: scale [B], drift_ms [B, R]
+        stats = DriftStats(*(torch.cat([t.expand(k, *t.shape) for t, k in zip(part, groups)]) for part in stats))
     if _fused(impl, gen, pos, neg):
         from drifting import kernels
 
-        return kernels.fused_drift_loss(
+        losses, info = kernels.fused_drift_loss(
             gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
             neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
             attraction=attraction, repulsion=repulsion, all_reduce=all_reduce, stats=stats,
         )
+        return losses, info if groups is None else {"scale": key_stats.scale, "drift_ms": key_stats.drift_ms}
     options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
     dtype = _compute_dtype(gen, pos, neg)
     chunks = _chunks(gen.shape[0], chunk_size)
@@ -425,17 +441,21 @@ def drift_loss(
         # With a single chunk the forces of the statistics pass are kept for the loss pass instead of recomputed.
         stats, cached_forces = _stats(problems, chunks, options, all_reduce, keep_forces=len(chunks) == 1)
 
-    rms = stats.drift_rms.to(dtype)
-    scale = stats.scale.to(dtype)
-    s_in = _coordinate_scale(scale, gen.shape[2])
+    rms = stats.drift_rms.to(dtype)  # [R], or [B, R] per problem (groups)
+    scale = stats.scale.to(dtype)  # scalar, or [B]
     losses = []
     for sl in chunks:
+        scale_b = scale if groups is None else scale[sl]
+        rms_b = rms if groups is None else rms[sl].T[..., None, None]  # per temperature: [b, 1, 1]
+        s_in = _coordinate_scale(scale_b, gen.shape[2]).reshape(-1, 1, 1)
         with torch.no_grad():
             p = problems(sl)
-            forces = cached_forces or _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale,
+            forces = cached_forces or _forces(p, pairwise_distance(p.x, p.targets, MIN_SQUARED_DISTANCE), scale_b,
                                               *options)
-            goal = p.x / s_in + sum(f / r for f, r in zip(forces, rms))
+            goal = p.x / s_in + sum(f / r for f, r in zip(forces, rms_b))
         losses.append((gen[sl].to(dtype) / s_in - goal).square().mean(dim=(1, 2)))
+    if groups is not None:
+        stats = key_stats  # the keys' statistics, [K] and [K, R], not the per-problem copies
     return torch.cat(losses), {"scale": stats.scale, "drift_ms": stats.drift_ms}
 
 

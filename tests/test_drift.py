@@ -379,6 +379,36 @@ def test_stacked_keys_in_groups_give_each_keys_own_sums():
         field_square_sums(gen, pos, neg, neg_weight=nw, total_scale_sums=sums[0], groups=groups)
 
 
+def test_stacked_keys_in_one_loss_call_equal_one_call_per_key():
+    """drift_loss(groups=...): each key's problems at its own statistics, losses and gradient as in K calls (what
+    FeatureDriftLoss(..., group_keys=True) does with a tap's mean and std keys); chunking does not matter."""
+    gen, pos, neg, nw = rand(9, 5, 4, seed=1), rand(9, 6, 4, seed=2), rand(9, 2, 4, seed=3), rand_weight(9, 2)
+    pos[6:] = pos[6:] * 3
+    parts, groups = [slice(0, 1), slice(1, 6), slice(6, 9)], [1, 5, 3]
+    key_stats = [drift_stats(gen[k], pos[k], neg[k], neg_weight=nw[k]) for k in parts]
+    stacked = DriftStats(torch.stack([s.scale for s in key_stats]), torch.stack([s.drift_ms for s in key_stats]))
+    assert not torch.allclose(stacked.drift_ms[0], stacked.drift_ms[2], rtol=0.1)  # the keys differ
+    alone = []
+    for k, st in zip(parts, key_stats):
+        leaf = gen[k].clone().requires_grad_()
+        loss, info = drift_loss(leaf, pos[k], neg[k], neg_weight=nw[k], stats=st)
+        loss.sum().backward()
+        alone.append((loss.detach(), leaf.grad))
+    for chunk_size in (None, 2):
+        leaf = gen.clone().requires_grad_()
+        loss, info = drift_loss(leaf, pos, neg, neg_weight=nw, stats=stacked, groups=groups, chunk_size=chunk_size)
+        loss.sum().backward()
+        torch.testing.assert_close(loss.detach(), torch.cat([a[0] for a in alone]), rtol=1e-12, atol=0)
+        torch.testing.assert_close(leaf.grad, torch.cat([a[1] for a in alone]), rtol=1e-12, atol=1e-300)
+        assert torch.equal(info["scale"], stacked.scale) and torch.equal(info["drift_ms"], stacked.drift_ms)
+    with pytest.raises(ValueError, match="groups"):
+        drift_loss(gen, pos, neg, neg_weight=nw, groups=groups)  # no statistics
+    with pytest.raises(ValueError, match="stats"):
+        drift_loss(gen, pos, neg, neg_weight=nw, stats=key_stats[0], groups=groups)  # one key's statistics
+    with pytest.raises(ValueError, match="groups"):
+        drift_loss(gen, pos, neg, neg_weight=nw, stats=stacked, groups=[1, 5, 2])
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside torch.compile
 def test_compiled_partial_sums_equal_the_reference():
     """impl="compiled": the reference math under torch.compile (the statistics pass's many small element-wise

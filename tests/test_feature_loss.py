@@ -213,6 +213,37 @@ def test_stats_with_the_keys_of_each_tap_stacked_equal_one_call_per_key(monkeypa
         torch.testing.assert_close(grouped.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
 
 
+def test_loss_calls_with_the_mean_and_std_keys_of_each_tap_stacked_equal_one_call_per_key(monkeypatch):
+    from drifting import feature_loss
+
+    calls = []
+    real = feature_loss.drift_loss
+    monkeypatch.setattr(feature_loss, "drift_loss", lambda *a, **k: calls.append(k["groups"]) or real(*a, **k))
+    fdl = FeatureDriftLoss(make_encoder().float())
+    gen, pos, neg, w = (t.float() for t in make_inputs())
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 4)]]
+    stats = fdl.stats(batches)
+    results = {}
+    for group_keys in (False, True):
+        calls.clear()
+        leaf = chunk_of(gen, pos, neg, w, 1, 4)[0].clone().requires_grad_()
+        loss, info = fdl(leaf, *chunk_of(gen, pos, neg, w, 1, 4)[1:], stats=stats, group_keys=group_keys)
+        loss.backward()
+        results[group_keys] = (loss.detach(), info, leaf.grad, list(calls))
+    (loss, info, grad, per_key), (g_loss, g_info, g_grad, grouped) = results[False], results[True]
+    assert all(groups is None for groups in per_key) and len(per_key) == len(info)
+    # a tap's 7 keys in one call: here the location key is fp32 too (with a bf16 encoder it is bf16 and goes alone)
+    assert len(grouped) < len(per_key) / 2 and max(len(groups or [0]) for groups in grouped) == 7
+    torch.testing.assert_close(g_loss, loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g_grad, grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+    assert list(g_info) == list(info)
+    for key in info:
+        torch.testing.assert_close(g_info[key]["loss"], info[key]["loss"], rtol=1e-5, atol=0, msg=key)
+        assert torch.equal(g_info[key]["drift_ms"], info[key]["drift_ms"]), key
+    with pytest.raises(ValueError, match="group_keys"):
+        fdl(*chunk_of(gen, pos, neg, w, 1, 4), group_keys=True)  # no statistics
+
+
 def test_loss_calls_reusing_the_real_taps_of_the_stats_equal_recomputing_them():
     fdl = FeatureDriftLoss(make_encoder())
     inputs, chunks = make_inputs(), [(0, 1), (1, 4)]

@@ -124,6 +124,23 @@ def test_fused_with_precomputed_stats_over_chunks():
     assert relative(torch.cat(parts), whole) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_stacked_keys_at_their_own_statistics(dtype):
+    """drift_loss(groups=...) on the kernel (per-problem scale and lambdas) equals the reference's separate calls."""
+    gen, pos, neg, w = inputs((40, 64, 64, 16, 256), dtype, seed=5)
+    pos[30:] = pos[30:] * 3  # the last key at another scale
+    parts, groups = [slice(0, 4), slice(4, 30), slice(30, 40)], [4, 26, 10]
+    key_stats = [drift_stats(gen[k].float(), pos[k].float(), neg[k].float(), neg_weight=w[k]) for k in parts]
+    stacked = DriftStats(*(torch.stack(part) for part in zip(*key_stats)))
+    alone = [run("reference", gen[k].float(), pos[k].float(), neg[k].float(), w[k], stats=st)
+             for k, st in zip(parts, key_stats)]
+    loss, grad, info = run("fused", gen, pos, neg, w, stats=stacked, groups=groups)
+    assert relative(loss, torch.cat([a[0] for a in alone])) < 1e-4
+    torch.testing.assert_close(grad.float(), torch.cat([a[1] for a in alone]), rtol=8e-3 if dtype == torch.bfloat16
+                               else 1e-4, atol=1e-3 * grad.float().abs().max().item())
+    assert torch.equal(info["drift_ms"], stacked.drift_ms)
+
+
 def test_auto_uses_reference_beyond_kernel_limits():
     gen, pos, neg, w = inputs((2, 200, 16, 4, 32), torch.float32)
     with pytest.raises(ValueError, match="impl"):

@@ -60,7 +60,8 @@ def test_set_variant_checks_every_item_before_applying_any(monkeypatch):
     monkeypatch.setattr(drift_triton, "VARIANT", dict(drift_triton.VARIANT))
     before = dict(drift_triton.VARIANT)
     for bad, message in [("fp32_dot=tf32x3,nope=1", "name in"), ("fp32_dot=tf32", "'ieee' or 'tf32x3'"),
-                         ("split2=maybe", "true or false"), ("fp32_block_s=48", "tile width"), ("split2", "name=value")]:
+                         ("split2=maybe", "true or false"), ("fp32_block_s=48", "tile width"),
+                         ("split2", "name=value")]:
         with pytest.raises(ValueError, match=message):
             drift_triton.set_variant(bad)
         assert drift_triton.VARIANT == before

@@ -74,6 +74,19 @@ for impl in ("reference", "fused"):
 close(out["fused"][0], out["reference"][0], 1e-4, "loss")
 close(out["fused"][1], out["reference"][1], 1e-4, "gradient")
 
+# two keys' problems stacked in one loss call, each at its own statistics (per-problem scale and lambdas)
+key_stats = [drift.DriftStats.from_sums(t, q) for t, q in zip(totals, separate)]
+stacked = drift.DriftStats(*(torch.stack(part) for part in zip(*key_stats)))
+alone = torch.cat([drift.drift_loss(gen[k], pos[k], neg[k], neg_weight=w[k], stats=st, impl="reference", **opts)[0]
+                   for k, st in zip(parts, key_stats)])
+for impl in ("reference", "fused"):
+    leaf = gen.clone().requires_grad_()
+    loss, _ = drift.drift_loss(leaf, pos, neg, neg_weight=w, stats=stacked, groups=groups, impl=impl, **opts)
+    loss.sum().backward()
+    close(loss.detach(), alone, 1e-4, f"grouped loss {impl}")
+    out[impl + " grouped"] = leaf.grad
+close(out["fused grouped"], out["reference grouped"], 1e-4, "grouped gradient")
+
 # the whole call (passes 1-3; pass 3 takes the softmax normalisers of pass 2), in every mode and kernel variant
 from drifting.kernels import drift_triton
 for normalize, variants in (("xy", ({}, {"share_norm": False}, {"split2": False})), ("y", ({},)), ("none", ({},))):

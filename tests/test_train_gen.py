@@ -66,6 +66,16 @@ def test_class_chunks_give_the_same_update_as_one_step(tmp_path):
     assert_same_model(final_state(chunked)["model"], final_state(grouped)["model"], exact=False)
 
 
+def test_loss_calls_with_a_sources_keys_stacked_give_the_same_run(tmp_path):
+    """train.loss_group_keys with an encoder (its taps' keys are what get stacked): the same run to float rounding."""
+    with_enc = replace(TINY, loss=replace(TINY.loss, encoder="mae_tiny", encoder_weights="random"))
+    runs = {}
+    for stacked in (False, True):
+        runs[stacked] = tmp_path / str(stacked)
+        main(with_train(with_enc, steps=2, class_chunk=2, loss_group_keys=stacked), runs[stacked], progress=False)
+    assert_same_model(final_state(runs[False])["model"], final_state(runs[True])["model"], exact=False)
+
+
 def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"

@@ -155,7 +155,7 @@ def _drift_kernel(
     gen_ptr, neg_ptr, pos_ptr, wg_ptr, wn_ptr, wp_ptr, temps_ptr, inv_lambda_ptr,
     out_ptr, grad_ptr, params_ptr, norm_ptr,
     sgb, sgr, sgs, snb, snr, sns, spb, spr, sps,
-    CG, CN, CP, S, params_stride,
+    CG, CN, CP, S, params_stride, lambda_stride,
     sqrt_floor, self_mask, attraction, repulsion,
     PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
@@ -314,7 +314,7 @@ def _drift_kernel(
                     f_sq += tl.sum(f * f, axis=1)
                 tl.store(out_ptr + b * (R + 1) + r, tl.sum(f_sq, axis=0) / (s_in * s_in))  # [B, R + 1]: count last
             else:
-                inv_lambda = tl.load(inv_lambda_ptr + r)
+                inv_lambda = tl.load(inv_lambda_ptr + b * lambda_stride + r)  # one per call, or per problem
                 coef_gg += (-repulsion * inv_lambda) * a_gg * s_pos[:, None]
                 coef_gp += (attraction * inv_lambda) * a_gp * s_neg[:, None]
                 if HAS_NEG:
@@ -434,9 +434,11 @@ class _Kernel:
     def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None,
                norm: Tensor | None = None) -> None:
         """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale)."""
+        per_problem = dict(params_stride=2 if params.dim() == 2 else 0,  # [B, 2] / [B, R]: one per problem
+                           lambda_stride=inv_lambda.shape[-1] if inv_lambda.dim() == 2 else 0)
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
                                         params, norm if norm is not None else self.dummy, *self.strides,
-                                        params_stride=2 if params.dim() == 2 else 0, PASS=pass_,
+                                        **per_problem, PASS=pass_,
                                         WRITE_GRAD=grad is not None, STORE_NORM=norm is not None and pass_ == 2,
                                         LOAD_NORM=norm is not None and pass_ == 3, **self.common)
 
@@ -511,7 +513,8 @@ def fused_drift_loss(
             squares = all_reduce(squares)
         stats = DriftStats(scale, squares[:-1] / squares[-1])
     b, c_g, s = kernel.shape
-    inv_lambda = stats.drift_rms.to(kernel.device).reciprocal().float()
+    # [R], or [B, R] with one set of statistics per problem (stacked keys: drift_loss(groups=...))
+    inv_lambda = stats.drift_rms.to(kernel.device).reciprocal().float().contiguous()
     loss = torch.empty(b, **kernel.f32)
     needs_grad = torch.is_grad_enabled() and gen.requires_grad
     grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=kernel.device) if needs_grad else None

@@ -135,6 +135,10 @@ class TrainConfig:
     # the start). Same statistics to float rounding (which on keys of nearly equal vectors is ~1e-2 in float32 on
     # either path: docs/benchmarks.md). On an H200 at the ablation size, 18% off the statistics pass (sixth sitting).
     stats_compiled: bool = False
+    # With class chunks: each chunk's loss call takes a tap's mean and std keys in one drifting-loss call, their
+    # problems stacked, each at its own statistics (FeatureDriftLoss(..., group_keys=True)): 26 calls instead of 86
+    # for a latent MAE-256, the same loss to float rounding. Untimed on a GPU so far; off by default.
+    loss_group_keys: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -448,7 +452,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 # ConvNeXt adapter keeps fp32 itself); the drifting math inside the loss is fp32 whatever the keys.
                 with autocast:
                     loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
-                                           chunk=k)  # with stats_keep_features: the real taps of the stats pass
+                                           chunk=k,  # with stats_keep_features: the real taps of the stats pass
+                                           group_keys=t.loss_group_keys and stats is not None)
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
             total = loss.detach() if total is None else total + loss.detach()  # read only when logged
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
