@@ -8,7 +8,11 @@ and 16 unconditional samples each, on 32x32x4 latents, with the MAE-256 encoder 
 "whole" = one call over all keys (encoder forward on the real and generated samples, 86 drift losses, backward
 through the encoder to the generated samples). --stats-chunks K also times `FeatureDriftLoss.stats` over the same
 classes in K chunks (the statistics pass of class-chunked training; with --impl fused, passes 1 and 2 of the kernel;
-with --group-keys, one call per tap and pass, the tap's keys stacked).
+with --group-keys, one call per tap and pass, the tap's keys stacked) and then the K chunks' loss calls at those
+statistics, forward and backward, as a class-chunked training step makes them (with --loss-group-keys, a source's
+keys of one dtype in one call: `FeatureDriftLoss(..., group_keys=True)`).
+
+    python benchmarks/feature_loss.py --impl auto --classes 16 --iters 1 --stats-chunks 4 --loss-group-keys
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     parser.add_argument("--fused-min-problems", type=int, default=None,
                         help="stats(fused_min_problems=N): calls of at least N problems on the fused kernel")
     parser.add_argument("--compiled-stats", action="store_true", help="stats(compiled=True): the math compiled")
+    parser.add_argument("--loss-group-keys", action="store_true",
+                        help="the chunks' loss calls with group_keys=True (a source's keys of one dtype together)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
@@ -95,6 +101,30 @@ def main() -> None:
         result["stats_chunks"] = args.stats_chunks
         result["group_keys"] = args.group_keys
         print(f"statistics pass over {args.stats_chunks} chunks of {k} classes: {result['stats_ms']:.0f} ms")
+        with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
+            stats = loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
+                                  compiled=args.compiled_stats)
+
+            def chunk_losses():
+                gen.grad = None
+                for i in range(0, n_c, k):
+                    part = gen[i * 64:(i + k) * 64]  # a view of the leaf: the gradients accumulate into gen.grad
+                    loss, _ = loss_fn(part, pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16], w[i:i + k],
+                                      stats=stats, group_keys=args.loss_group_keys)
+                    loss.backward()
+
+            chunk_losses()  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                chunk_losses()
+            if cuda:
+                torch.cuda.synchronize()
+        result["chunk_losses_ms"] = 1e3 * (time.perf_counter() - t0) / args.iters
+        result["loss_group_keys"] = args.loss_group_keys
+        print(f"loss calls of the {args.stats_chunks} chunks at those statistics, forward + backward"
+              f"{' (keys grouped)' if args.loss_group_keys else ''}: {result['chunk_losses_ms']:.0f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
