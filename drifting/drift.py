@@ -276,6 +276,7 @@ class DriftStats(NamedTuple):
 
     scale: scalar, weighted mean pairwise distance over every problem, row and column (S_j * sqrt(S)).
     drift_ms: [R], mean square of the field per temperature, in scaled coordinates (logged as loss_<tau>).
+    Several keys' statistics stacked field by field (scale [K], drift_ms [K, R]) go with `drift_loss(groups=...)`.
     """
 
     scale: Tensor
