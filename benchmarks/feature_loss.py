@@ -27,6 +27,22 @@ from drifting.feature_loss import ClassBatch, FeatureDriftLoss
 from drifting.models.resnet_mae import resnet_maes
 
 
+def timed_ms(fn, iters: int, cuda: bool, reset_peak: bool = False):
+    """(milliseconds per call of fn over `iters` calls after one warm-up call, the warm-up's result); reset_peak:
+    the peak-memory counter starts after the warm-up."""
+    first = fn()  # warm-up: kernel compilation, autotuning, caches
+    if cuda:
+        torch.cuda.synchronize()
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / iters, first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))
@@ -66,16 +82,7 @@ def main() -> None:
         loss.backward()
         return info
 
-    info = step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    ms = 1e3 * (time.perf_counter() - t0) / args.iters
+    ms, info = timed_ms(step, args.iters, cuda, reset_peak=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"FeatureDriftLoss ({args.impl}), {args.encoder}, {n_c} classes x 64/64/16, {len(info)} keys, {card}: "
@@ -87,24 +94,13 @@ def main() -> None:
         batches = [ClassBatch(gen.detach()[i * 64:(i + k) * 64], pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16],
                               w[i:i + k]) for i in range(0, n_c, k)]
         with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
-            loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
-                          compiled=args.compiled_stats)  # warm-up (kernel compilation)
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
-                              compiled=args.compiled_stats)
-            if cuda:
-                torch.cuda.synchronize()
-        result["stats_ms"] = 1e3 * (time.perf_counter() - t0) / args.iters
+            result["stats_ms"], stats = timed_ms(
+                lambda: loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
+                                      compiled=args.compiled_stats), args.iters, cuda)
         result["stats_chunks"] = args.stats_chunks
         result["group_keys"] = args.group_keys
         print(f"statistics pass over {args.stats_chunks} chunks of {k} classes: {result['stats_ms']:.0f} ms")
         with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
-            stats = loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
-                                  compiled=args.compiled_stats)
-
             def chunk_losses():
                 gen.grad = None
                 for i in range(0, n_c, k):
@@ -113,15 +109,7 @@ def main() -> None:
                                       stats=stats, group_keys=args.loss_group_keys)
                     loss.backward()
 
-            chunk_losses()  # warm-up
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                chunk_losses()
-            if cuda:
-                torch.cuda.synchronize()
-        result["chunk_losses_ms"] = 1e3 * (time.perf_counter() - t0) / args.iters
+            result["chunk_losses_ms"], _ = timed_ms(chunk_losses, args.iters, cuda)
         result["loss_group_keys"] = args.loss_group_keys
         print(f"loss calls of the {args.stats_chunks} chunks at those statistics, forward + backward"
               f"{' (keys grouped)' if args.loss_group_keys else ''}: {result['chunk_losses_ms']:.0f} ms")
