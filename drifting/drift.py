@@ -421,8 +421,7 @@ def drift_loss(
         _check_groups(groups, gen.shape[0])
         if stats is None or all_reduce is not None:
             raise ValueError("groups: expected the stacked statistics of the keys in stats, and no all_reduce")
-        # each problem at its key's statistics: scale [B], drift_ms [B, R]
-        stats = DriftStats(*(torch.cat([t.expand(k, *t.shape) for t, k in zip(part, groups)]) for part in stats))
+        stats = DriftStats(*(_per_problem(part, groups) for part in stats))  # scale [B], drift_ms [B, R]
     if _fused(impl, gen, pos, neg):
         from drifting import kernels
 
@@ -455,9 +454,8 @@ def drift_loss(
                                               *options)
             goal = p.x / s_in + sum(f / r for f, r in zip(forces, rms_b))
         losses.append((gen[sl].to(dtype) / s_in - goal).square().mean(dim=(1, 2)))
-    if groups is not None:
-        stats = key_stats  # the keys' statistics, [K] and [K, R], not the per-problem copies
-    return torch.cat(losses), {"scale": stats.scale, "drift_ms": stats.drift_ms}
+    out = stats if groups is None else key_stats  # the keys' statistics, [K] and [K, R], not the per-problem copies
+    return torch.cat(losses), {"scale": out.scale, "drift_ms": out.drift_ms}
 
 
 def _fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
@@ -550,6 +548,11 @@ def _segment_sums(per_problem: Tensor, groups: Sequence[int] | None) -> Tensor:
     return torch.stack([part.sum(0) for part in per_problem.split(list(groups))])
 
 
+def _per_problem(per_key: Tensor, groups: Sequence[int]) -> Tensor:
+    """[K, ...] -> [B, ...]: each key's row repeated over its group of consecutive problems."""
+    return torch.cat([row.expand(k, *row.shape) for row, k in zip(per_key, groups)])
+
+
 def _check_groups(groups: Sequence[int] | None, num_problems: int) -> None:
     if groups is None:
         return
@@ -639,7 +642,7 @@ def field_square_sums(
                          "over chunks)")
     scale = (total_scale_sums[..., 0] / total_scale_sums[..., 1]).to(gen.device)
     if groups is not None:  # each problem at its own key's scale
-        scale = torch.cat([s.expand(k) for s, k in zip(scale, groups)])
+        scale = _per_problem(scale, groups)
     if impl != "compiled" and _fused(impl, gen, pos, neg):
         from drifting import kernels
 

@@ -244,8 +244,8 @@ class FeatureDriftLoss:
 
         total, grads, info = None, {}, {}
         problem_sets = self._problem_sets(leaves, real_sources, b)  # (source, key, L, g, p, n, nw), lazily
-        # runs of keys that go in one call: one source and dtype with group_keys, else each key alone
-        run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys else (lambda ps, count=itertools.count(): next(count))
+        # runs of keys that go in one call: one source and dtype with group_keys, else each key (a unique name) alone
+        run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys else (lambda ps: ps[1])
         with torch.set_grad_enabled(need_grad):
             for _, together in itertools.groupby(problem_sets, key=run_of):
                 srcs, keys, locs, g, p, n, nw = zip(*together)
@@ -257,13 +257,10 @@ class FeatureDriftLoss:
                         raise KeyError(f"stats: no statistics for feature key {missing[0]!r}")
                     key_stats = [stats.keys[k] for k in keys]
                 counts = [t.shape[0] for t in g]
-                if len(keys) == 1:
-                    g, p, n, nw, groups = g[0], p[0], n[0], nw[0], None
-                    key_stats = None if key_stats is None else key_stats[0]
-                else:
-                    g, p, n, nw = (None if t[0] is None else torch.cat(t) for t in (g, p, n, nw))
-                    groups = counts
-                    key_stats = DriftStats(*(torch.stack(part) for part in zip(*key_stats)))
+                g, p, n, nw = _stacked(g, p, n, nw)
+                groups = counts if len(keys) > 1 else None
+                if key_stats is not None:
+                    key_stats = key_stats[0] if groups is None else DriftStats(*map(torch.stack, zip(*key_stats)))
                 # The drift math stays in fp32 when the caller runs the encoder under autocast.
                 with torch.autocast(gen.device.type, enabled=False):
                     losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=key_stats, all_reduce=all_reduce,
@@ -383,12 +380,16 @@ class FeatureDriftLoss:
             by = 0 if group_keys else 1  # consecutive problem sets of one source, or each key alone
             for _, together in itertools.groupby(problem_sets, key=lambda problem_set: problem_set[by]):
                 _, keys, _, g, p, n, nw = zip(*together)
-                stacked = [t[0] if len(t) == 1 or t[0] is None else torch.cat(t) for t in (g, p, n, nw)]
                 with torch.autocast(b.gen.device.type, enabled=False):
-                    part = partial(*stacked, keys, [len(t) for t in g])
+                    part = partial(*_stacked(g, p, n, nw), keys, [len(t) for t in g])
                 for key, row in zip(keys, part):
                     sums[key] = row if key not in sums else sums[key] + row
         return sums
+
+
+def _stacked(*per_key: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """Each argument, a tuple of one tensor per key (or of Nones), as one tensor: the keys' problems stacked."""
+    return [t[0] if len(t) == 1 or t[0] is None else torch.cat(t) for t in per_key]
 
 
 def _problems(vectors: Tensor, num_classes: int) -> Tensor:

@@ -151,6 +151,16 @@ def test_knn_positives_include_self():
     np.testing.assert_array_equal(nn_idx[:, 0].numpy(), np.arange(50))
 
 
+def train_tiny(tmp_path, run: str, **train_changes) -> dict:
+    """A few steps of the tiny U-Net on a synthetic zarr into tmp_path / run; the last metrics."""
+    path = tmp_path / "tiny.zarr"
+    if not path.exists():
+        synthetic_zarr(path)
+    train = PolicyTrainConfig(**{**dict(k_pos=4, gen_per_obs=4, batch=8, steps=2, log_every=1, warmup_steps=1,
+                                        ddpm_steps=5, device="cpu"), **train_changes})
+    return main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / run)
+
+
 @pytest.mark.parametrize("method,positives", [("drift", "knn"), ("drift", "single"), ("ddpm", "knn")])
 def test_smoke_training_and_evaluation(tmp_path, method, positives):
     path = synthetic_zarr(tmp_path / "tiny.zarr")
@@ -168,16 +178,13 @@ def test_smoke_training_and_evaluation(tmp_path, method, positives):
 
 @pytest.mark.parametrize("method", ["drift", "ddpm"])
 def test_bf16_runs_the_network_in_bf16_and_the_loss_in_fp32(tmp_path, method):
-    path = synthetic_zarr(tmp_path / "tiny.zarr")
     runs = {}
     for bf16 in (False, True):
-        train = PolicyTrainConfig(method=method, k_pos=4, gen_per_obs=4, batch=8, steps=2, log_every=1,
-                                  warmup_steps=1, ddpm_steps=5, device="cpu", bf16=bf16)
         dtypes = []
         hook = torch.nn.modules.module.register_module_forward_hook(
             lambda m, i, o: dtypes.append(o.dtype) if isinstance(m, torch.nn.Conv1d) else None)
         try:
-            last = main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / f"{bf16}")
+            last = train_tiny(tmp_path, str(bf16), method=method, bf16=bf16)
         finally:
             hook.remove()
         runs[bf16] = (last["loss"], set(dtypes))
@@ -199,13 +206,9 @@ def test_time_limit_ends_with_the_export(tmp_path):
 @pytest.mark.parametrize("method", ["drift", "ddpm"])
 def test_compiled_training_matches_eager(tmp_path, method):
     """train.compile: the same steps to float rounding, and the exported policy has the plain network's keys."""
-    path = synthetic_zarr(tmp_path / "tiny.zarr")
     losses = {}
     for compiled in (False, True):
-        train = PolicyTrainConfig(method=method, k_pos=4, gen_per_obs=4, batch=8, steps=3, log_every=1,
-                                  warmup_steps=1, ddpm_steps=5, device="cpu", compile=compiled)
-        losses[compiled] = main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train),
-                                tmp_path / str(compiled))["loss"]
+        losses[compiled] = train_tiny(tmp_path, str(compiled), method=method, steps=3, compile=compiled)["loss"]
         load_policy(tmp_path / str(compiled) / "policy.pt")  # strict load: no "_orig_mod." keys
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
@@ -217,9 +220,7 @@ def test_score_spread():
 
 
 def test_eval_cli_reports_the_spread_and_extra_sample_seeds(tmp_path):
-    path = synthetic_zarr(tmp_path / "tiny.zarr")
-    train = PolicyTrainConfig(k_pos=4, gen_per_obs=4, batch=8, steps=1, log_every=1, warmup_steps=1, device="cpu")
-    main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / "run")
+    train_tiny(tmp_path, "run", steps=1)
     out = tmp_path / "eval.json"
     eval_cli([str(tmp_path / "run" / "policy.pt"), "--episodes", "2", "--max-steps", "9", "--device", "cpu",
               "--sample-seeds", "2", "--out", str(out)])
