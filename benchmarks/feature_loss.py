@@ -57,8 +57,16 @@ def main() -> None:
     parser.add_argument("--compiled-stats", action="store_true", help="stats(compiled=True): the math compiled")
     parser.add_argument("--loss-group-keys", action="store_true",
                         help="the chunks' loss calls with group_keys=True (a source's keys of one dtype together)")
+    parser.add_argument("--kernel-variant", default="", help="drift_triton.VARIANT items, e.g. fp32_block_s=64")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.kernel_variant:
+        from drifting.kernels import drift_triton  # needs Triton: only when asked for
+
+        try:
+            drift_triton.set_variant(args.kernel_variant)
+        except ValueError as err:
+            parser.error(f"--kernel-variant: {err}")
     if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
         parser.error(f"--stats-chunks: expected a divisor of --classes {args.classes}, got {args.stats_chunks}")
     cuda = args.device == "cuda"
@@ -87,7 +95,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"FeatureDriftLoss ({args.impl}), {args.encoder}, {n_c} classes x 64/64/16, {len(info)} keys, {card}: "
           f"{ms:.0f} ms per forward + backward, peak {peak:.1f} GiB")
-    result = {"card": card, "encoder": args.encoder, "classes": n_c, "impl": args.impl, "keys": len(info), "ms": ms,
+    result = {"card": card, "kernel_variant": args.kernel_variant, "encoder": args.encoder, "classes": n_c, "impl": args.impl, "keys": len(info), "ms": ms,
               "peak_gib": peak}
     if args.stats_chunks:
         k = n_c // args.stats_chunks  # classes per chunk

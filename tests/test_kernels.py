@@ -56,7 +56,9 @@ def test_fused_equals_reference_fp32(shape, fp32_dot, monkeypatch):
     loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)
     assert relative(loss_f, loss_r) < 1e-4
     assert relative(grad_f, grad_r) < 1e-4
-    assert relative(info_f["scale"], info_r["scale"]) < 1e-5
+    # Exact fp32 products keep the mean distance to 1e-5; three TF32 products (~21 mantissa bits) are held to the
+    # issue's 1e-4, like the loss: at S = 1 the norm expansion |x|^2 + |y|^2 - 2xy cancels most of their bits.
+    assert relative(info_f["scale"], info_r["scale"]) < (1e-5 if fp32_dot == "ieee" else 1e-4)
     assert relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
 
 
