@@ -151,6 +151,24 @@ def test_knn_positives_include_self():
     np.testing.assert_array_equal(nn_idx[:, 0].numpy(), np.arange(50))
 
 
+def test_knn_positives_one_window_per_episode_equal_a_plain_search():
+    """`knn_episodes`: the nearest window of each of the k nearest episodes, against a loop over windows."""
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(60, 10, generator=g)
+    episode = torch.repeat_interleave(torch.arange(7), torch.tensor([5, 12, 1, 9, 15, 8, 10]))
+    nn_idx = knn_index(obs, 4, chunk=16, episode=episode)
+    assert nn_idx.shape == (60, 4)
+    for i in range(60):
+        d = (obs - obs[i]).norm(dim=1)
+        nearest = {int(e): int(torch.nonzero(episode == e).flatten()[d[episode == e].argmin()]) for e in episode.unique()}
+        expected = sorted(nearest.values(), key=lambda j: float(d[j]))[:4]
+        assert nn_idx[i].tolist() == expected
+        assert nn_idx[i, 0] == i and len(set(episode[nn_idx[i]].tolist())) == 4
+    assert knn_index(obs, 10, episode=episode).shape == (60, 7)  # k capped at the number of episodes
+    with pytest.raises(ValueError, match="episode: expected 60 non-decreasing ids"):
+        knn_index(obs, 4, episode=episode.flip(0))
+
+
 def train_tiny(tmp_path, run: str, **train_changes) -> dict:
     """A few steps of the tiny U-Net on a synthetic zarr into tmp_path / run; the last metrics."""
     path = tmp_path / "tiny.zarr"
@@ -161,7 +179,8 @@ def train_tiny(tmp_path, run: str, **train_changes) -> dict:
     return main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / run)
 
 
-@pytest.mark.parametrize("method,positives", [("drift", "knn"), ("drift", "single"), ("ddpm", "knn")])
+@pytest.mark.parametrize("method,positives", [("drift", "knn"), ("drift", "knn_episodes"), ("drift", "single"),
+                                              ("ddpm", "knn")])
 def test_smoke_training_and_evaluation(tmp_path, method, positives):
     path = synthetic_zarr(tmp_path / "tiny.zarr")
     cfg = PolicyConfig(data=DemoConfig(path=str(path)), model=TINY,

@@ -150,7 +150,7 @@ class MinMaxNormalizer(nn.Module):
 class PushTDemos:
     """All windows of the chosen episodes, held as tensors.
 
-    obs [W, T_o, 5] and action [W, H, 2] in raw units; `normalized(normalizers)` gives them in [-1, 1].
+    obs [W, T_o, 5] and action [W, H, 2] in raw units (`fit_normalizers` maps them to [-1, 1]); episode [W].
     """
 
     def __init__(self, cfg: DemoConfig, split: str = "train", data: dict[str, np.ndarray] | None = None):
@@ -163,6 +163,8 @@ class PushTDemos:
         idx = window_index(ends, self.episodes, cfg.obs_horizon, cfg.pred_horizon, cfg.action_horizon)
         self.obs = torch.from_numpy(data["state"][idx[:, : cfg.obs_horizon]])  # (W, T_o, 5)
         self.action = torch.from_numpy(data["action"][idx])  # (W, H, 2)
+        # the episode of each window (its current step's), non-decreasing: an episode's windows are contiguous
+        self.episode = torch.from_numpy(np.searchsorted(ends, idx[:, cfg.obs_horizon - 1], side="right"))
         self.cfg = cfg
 
     def __len__(self) -> int:

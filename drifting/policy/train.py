@@ -2,11 +2,15 @@
 
 Drifting Policy uses `drift_loss` on raw normalised action chunks (S = H * D_a = 32 numbers, no feature encoder);
 the generated chunks are the negatives. A state rarely repeats in the demonstrations, so each problem's positive set
-has to be chosen; `train.positives` picks one of two choices (compare them with the same budget):
+has to be chosen; `train.positives` picks one of three choices (compare them with the same budget):
 
     "knn"     per-observation problems: problem b is demonstration window b's observation; C_g chunks are generated
               for it, and its positives are the chunks of its K nearest demonstration windows in normalised
               observation space (itself included), i.e. samples of p(action | obs ~ obs_b).
+    "knn_episodes"  the same, but at most one window per demonstration episode (the nearest of each of the K
+              nearest episodes; window b itself for its own). With "knn", 56% of Push-T's 15 neighbours are the same
+              episode a median of 3 steps earlier or later, i.e. the same motion shifted in time: positives that
+              teach the generator to jitter in time rather than the demonstrators' different choices.
     "single"  one demonstration chunk per problem (K = 1): C_g generated samples are pulled towards the one recorded
               chunk and pushed apart from each other; the conditional spread comes only from repulsion.
 
@@ -42,8 +46,9 @@ from drifting.train.schedule import lr_at
 @dataclass(frozen=True)
 class PolicyTrainConfig:
     method: Literal["drift", "ddpm"] = "drift"
-    positives: Literal["knn", "single"] = "knn"  # drift only: how each problem gets its positives (module docstring)
-    k_pos: int = 16  # K nearest windows with "knn"
+    # drift only: how each problem gets its positives (module docstring)
+    positives: Literal["knn", "knn_episodes", "single"] = "knn"
+    k_pos: int = 16  # K nearest windows with "knn" (episodes with "knn_episodes")
     gen_per_obs: int = 16  # C_g generated chunks per problem (drift)
     batch: int = 64  # B problems (drift) / windows (ddpm) per step
     steps: int = 200  # the debug default; see the README for the Push-T budget
@@ -117,13 +122,28 @@ def load_config_dict(tree: dict) -> PolicyConfig:
         Path(f.name).unlink()
 
 
-def knn_index(obs: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """int64 [W, k]: the k nearest windows of every window by flattened normalised observation (itself first)."""
+def knn_index(obs: torch.Tensor, k: int, chunk: int = 4096, episode: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [W, k]: the k nearest windows of every window by flattened normalised observation (itself first).
+
+    With `episode` (int64 [W], non-decreasing: each episode's windows contiguous), at most one window per episode: the
+    nearest window of each of the k nearest episodes (k is capped at the number of episodes)."""
     flat = obs.flatten(1)
+    if episode is not None:
+        if len(episode) != len(flat) or bool((episode.diff() < 0).any()):
+            raise ValueError(f"episode: expected {len(flat)} non-decreasing ids, got {len(episode)}")
+        starts = torch.nonzero(episode.diff()).flatten() + 1  # where each episode after the first begins
+        bounds = [0, *starts.tolist(), len(flat)]
     out = []
     for s in range(0, len(flat), chunk):
         d = torch.cdist(flat[s: s + chunk], flat)  # (chunk, W)
-        out.append(d.topk(min(k, len(flat)), largest=False).indices)
+        if episode is None:
+            out.append(d.topk(min(k, len(flat)), largest=False).indices)
+            continue
+        # Each episode's nearest window: a min over its contiguous slice of columns.
+        near = [d[:, a:b].min(1) for a, b in zip(bounds[:-1], bounds[1:])]
+        dist = torch.stack([m.values for m in near], 1)  # (chunk, E)
+        window = torch.stack([m.indices + a for m, a in zip(near, bounds[:-1])], 1)  # (chunk, E)
+        out.append(window.gather(1, dist.topk(min(k, dist.shape[1]), largest=False).indices))
     return torch.cat(out)
 
 
@@ -151,7 +171,9 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
     policy.action_norm.load_state_dict(act_norm.state_dict())
     cond_all = policy.cond(demos.obs)  # (W, T_o * D_o)
     chunks_all = policy.action_norm.normalize(demos.action)  # (W, H, D_a) in [-1, 1]
-    neighbours = knn_index(cond_all, t.k_pos) if t.method == "drift" and t.positives == "knn" else None
+    neighbours = None
+    if t.method == "drift" and t.positives != "single":
+        neighbours = knn_index(cond_all, t.k_pos, episode=demos.episode if t.positives == "knn_episodes" else None)
     cond_all, chunks_all = cond_all.to(device), chunks_all.to(device)
 
     # Model, EMA, optimiser, resume.
