@@ -95,8 +95,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"FeatureDriftLoss ({args.impl}), {args.encoder}, {n_c} classes x 64/64/16, {len(info)} keys, {card}: "
           f"{ms:.0f} ms per forward + backward, peak {peak:.1f} GiB")
-    result = {"card": card, "kernel_variant": args.kernel_variant, "encoder": args.encoder, "classes": n_c, "impl": args.impl, "keys": len(info), "ms": ms,
-              "peak_gib": peak}
+    result = {"card": card, "kernel_variant": args.kernel_variant, "encoder": args.encoder, "classes": n_c,
+              "impl": args.impl, "keys": len(info), "ms": ms, "peak_gib": peak}
     if args.stats_chunks:
         k = n_c // args.stats_chunks  # classes per chunk
         batches = [ClassBatch(gen.detach()[i * 64:(i + k) * 64], pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16],

@@ -9,8 +9,9 @@ has to be chosen; `train.positives` picks one of three choices (compare them wit
               observation space (itself included), i.e. samples of p(action | obs ~ obs_b).
     "knn_episodes"  the same, but at most one window per demonstration episode (the nearest of each of the K
               nearest episodes; window b itself for its own). With "knn", 56% of Push-T's 15 neighbours are the same
-              episode a median of 3 steps earlier or later, i.e. the same motion shifted in time: positives that
-              teach the generator to jitter in time rather than the demonstrators' different choices.
+              episode a median of 3 steps earlier or later (the same motion shifted in time); this choice removes
+              them, and scores far worse (0.24-0.34 against 0.56-0.64 on the CPU, docs/results.md): another
+              episode's nearest window is 2.7x further in observation space, a much looser conditional sample.
     "single"  one demonstration chunk per problem (K = 1): C_g generated samples are pulled towards the one recorded
               chunk and pushed apart from each other; the conditional spread comes only from repulsion.
 
