@@ -160,7 +160,10 @@ def test_knn_positives_one_window_per_episode_equal_a_plain_search():
     assert nn_idx.shape == (60, 4)
     for i in range(60):
         d = (obs - obs[i]).norm(dim=1)
-        nearest = {int(e): int(torch.nonzero(episode == e).flatten()[d[episode == e].argmin()]) for e in episode.unique()}
+        nearest = {}  # episode -> its window nearest to window i
+        for e in episode.unique().tolist():
+            members = torch.nonzero(episode == e).flatten()
+            nearest[e] = int(members[d[members].argmin()])
         expected = sorted(nearest.values(), key=lambda j: float(d[j]))[:4]
         assert nn_idx[i].tolist() == expected
         assert nn_idx[i, 0] == i and len(set(episode[nn_idx[i]].tolist())) == 4
