@@ -24,6 +24,7 @@ import time
 import torch
 
 from drifting.drift import drift_loss
+from drifting.kernels import kernel_variant
 
 N_C, C_G, C_N, C_P = 64, 64, 16, 64
 TEMPERATURES = (0.02, 0.05, 0.2)
@@ -124,7 +125,8 @@ def main() -> None:
     parser.add_argument("--training-dtypes", action="store_true",
                         help="86-key set: each key in the dtype a training step gives it (mean/std keys fp32)")
     parser.add_argument("--classes", type=int, default=N_C, help="N_C classes per call (a training chunk: 4)")
-    parser.add_argument("--kernel-variant", default="", help="drift_triton.VARIANT items, e.g. fp32_dot=tf32x3")
+    parser.add_argument("--kernel-variant", type=kernel_variant, default="",
+                        help="drift_triton.VARIANT items, e.g. fp32_dot=tf32x3")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
@@ -136,13 +138,6 @@ def main() -> None:
         parser.error(f"--keys: expected names from {', '.join(KEYS)} or none, got {', '.join(unknown)}")
     if args.classes < 1:
         parser.error(f"--classes: expected >= 1, got {args.classes}")
-    if args.kernel_variant:
-        from drifting.kernels import drift_triton  # needs Triton: only when asked for
-
-        try:
-            drift_triton.set_variant(args.kernel_variant)
-        except ValueError as err:
-            parser.error(f"--kernel-variant: {err}")
     N_C = args.classes
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if "compiled" in impls:

@@ -24,6 +24,7 @@ import time
 import torch
 
 from drifting.feature_loss import ClassBatch, FeatureDriftLoss
+from drifting.kernels import kernel_variant
 from drifting.models.resnet_mae import resnet_maes
 
 
@@ -57,16 +58,10 @@ def main() -> None:
     parser.add_argument("--compiled-stats", action="store_true", help="stats(compiled=True): the math compiled")
     parser.add_argument("--loss-group-keys", action="store_true",
                         help="the chunks' loss calls with group_keys=True (a source's keys of one dtype together)")
-    parser.add_argument("--kernel-variant", default="", help="drift_triton.VARIANT items, e.g. fp32_block_s=64")
+    parser.add_argument("--kernel-variant", type=kernel_variant, default="",
+                        help="drift_triton.VARIANT items, e.g. fp32_block_s=64")
     parser.add_argument("--out")
     args = parser.parse_args()
-    if args.kernel_variant:
-        from drifting.kernels import drift_triton  # needs Triton: only when asked for
-
-        try:
-            drift_triton.set_variant(args.kernel_variant)
-        except ValueError as err:
-            parser.error(f"--kernel-variant: {err}")
     if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
         parser.error(f"--stats-chunks: expected a divisor of --classes {args.classes}, got {args.stats_chunks}")
     cuda = args.device == "cuda"

@@ -40,6 +40,7 @@ from drifting.data.queue import SampleQueue
 from drifting.drift import all_reduce_sum
 from drifting.feature_loss import ClassBatch
 from drifting.guidance import guidance_weight, sample_alpha
+from drifting.kernels import kernel_variant
 from drifting.models.dit import GENERATORS
 from drifting.models.generate import draw_inputs
 from drifting.train import dist
@@ -64,17 +65,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--baseline", help="the JSON of a 1-GPU run: report the scaling efficiency against it")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--profile", help="also profile one step (torch.profiler) and write its table of operators here")
-    p.add_argument("--kernel-variant", default="",
+    p.add_argument("--kernel-variant", type=kernel_variant, default="",
                    help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
-    args = p.parse_args()
-    if args.kernel_variant:
-        from drifting.kernels import drift_triton  # needs Triton: only when asked for
-
-        try:
-            drift_triton.set_variant(args.kernel_variant)
-        except ValueError as err:
-            p.error(f"--kernel-variant: {err}")
-    return args
+    return p.parse_args()
 
 
 def main() -> None:

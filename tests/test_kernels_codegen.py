@@ -67,3 +67,18 @@ def test_set_variant_checks_every_item_before_applying_any(monkeypatch):
         assert drift_triton.VARIANT == before
     new = drift_triton.set_variant("fp32_dot=tf32x3, fp32_block_s=16,split2=false")
     assert new == {**before, "fp32_dot": "tf32x3", "fp32_block_s": 16, "split2": False}
+
+
+def test_benchmarks_kernel_variant_option_applies_or_is_a_usage_error(monkeypatch):
+    import argparse
+
+    from drifting.kernels import drift_triton, kernel_variant
+
+    monkeypatch.setattr(drift_triton, "VARIANT", dict(drift_triton.VARIANT))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kernel-variant", type=kernel_variant, default="")
+    assert parser.parse_args([]).kernel_variant == "" and drift_triton.VARIANT["fp32_block_s"] == 32
+    assert parser.parse_args(["--kernel-variant", "fp32_block_s=64"]).kernel_variant == "fp32_block_s=64"
+    assert drift_triton.VARIANT["fp32_block_s"] == 64
+    with pytest.raises(argparse.ArgumentTypeError, match="tile width"):
+        kernel_variant("fp32_block_s=7")

@@ -9,6 +9,7 @@ are the kernel's passes 1 and 2.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 
@@ -16,6 +17,19 @@ from torch import Tensor
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 IMPLS = ("auto", "reference", "fused")
+
+
+def kernel_variant(text: str) -> str:
+    """argparse `type=` of the benchmarks' --kernel-variant: applies "name=value,..." to `drift_triton.VARIANT`
+    (every item checked first), so a bad item is a usage error naming the option, before any work."""
+    if text:
+        from drifting.kernels import drift_triton  # needs Triton: only when a variant is asked for
+
+        try:
+            drift_triton.set_variant(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _interpreting() -> bool:
