@@ -6,7 +6,10 @@ has to be chosen; `train.positives` picks one of three choices (compare them wit
 
     "knn"     per-observation problems: problem b is demonstration window b's observation; C_g chunks are generated
               for it, and its positives are the chunks of its K nearest demonstration windows in normalised
-              observation space (itself included), i.e. samples of p(action | obs ~ obs_b).
+              observation space (itself included), i.e. samples of p(action | obs ~ obs_b). K = 4 by default: a
+              small K keeps the sample tight (most neighbours are the same demonstration a few steps away, the
+              motion shifted in time), and scored best at Diffusion Policy's size on a GPU (0.850 against <= 0.76
+              for K = 16, docs/results.md).
     "knn_episodes"  the same, but at most one window per demonstration episode (the nearest of each of the K
               nearest episodes; window b itself for its own). With "knn", 56% of Push-T's 15 neighbours are the same
               episode a median of 3 steps earlier or later (the same motion shifted in time); this choice removes
@@ -49,7 +52,10 @@ class PolicyTrainConfig:
     method: Literal["drift", "ddpm"] = "drift"
     # drift only: how each problem gets its positives (module docstring)
     positives: Literal["knn", "knn_episodes", "single"] = "knn"
-    k_pos: int = 16  # K nearest windows with "knn" (episodes with "knn_episodes")
+    # K nearest windows with "knn" (episodes with "knn_episodes"). 4: at Diffusion Policy's network size on a GPU,
+    # K = 4 scored 0.850 after 13,400 steps where K = 16 stayed at 0.68-0.76 (docs/results.md); the CPU scale could
+    # not tell them apart.
+    k_pos: int = 4
     gen_per_obs: int = 16  # C_g generated chunks per problem (drift)
     batch: int = 64  # B problems (drift) / windows (ddpm) per step
     steps: int = 200  # the debug default; see the README for the Push-T budget
@@ -64,7 +70,8 @@ class PolicyTrainConfig:
     # widths is compute-bound on a GPU at the drifting batch (B C_g chunks per step). Off: the measured runs were fp32.
     bf16: bool = False
     # torch.compile the network for the training forwards (its GroupNorm and Mish chains fuse; the same weights and
-    # results to float rounding, one compilation at the start). Untimed on a GPU so far; off by default.
+    # results to float rounding, one compilation of ~1 min at the start): a drifting step at Diffusion Policy's size
+    # on an H200 alone takes ~38 ms against ~90 eager. Off by default (the compilation dominates short CPU runs).
     compile: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
