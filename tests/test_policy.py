@@ -214,6 +214,18 @@ def test_bf16_runs_the_network_in_bf16_and_the_loss_in_fp32(tmp_path, method):
     assert np.isfinite(runs[True][0]) and runs[True][0] == pytest.approx(runs[False][0], rel=0.05)
 
 
+def test_a_training_checkpoint_loads_as_its_ema_policy(tmp_path):
+    train_tiny(tmp_path, "run", steps=4, checkpoint_every=2, keep_checkpoints=3, ema_decay=0.5)
+    run = tmp_path / "run"
+    exported = load_policy(run / "policy.pt").state_dict()
+    for source in (run / "checkpoints", run / "checkpoints" / "ckpt-000000004.pt"):  # the latest is the last step's
+        loaded = load_policy(source).state_dict()
+        assert all(torch.equal(loaded[k], exported[k]) for k in exported)
+    earlier, raw = load_policy(run / "checkpoints" / "ckpt-000000002.pt"), load_checkpoint(run / "checkpoints")
+    assert not all(torch.equal(earlier.state_dict()[k], exported[k]) for k in exported)
+    assert any(not torch.equal(raw["model"][k], raw["ema"][k]) for k in raw["ema"])  # the EMA, not the raw weights
+
+
 def test_time_limit_ends_with_the_export(tmp_path):
     path = synthetic_zarr(tmp_path / "tiny.zarr")
     train = PolicyTrainConfig(k_pos=4, gen_per_obs=4, batch=8, steps=6, log_every=2, warmup_steps=1, device="cpu",

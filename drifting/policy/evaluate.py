@@ -92,7 +92,8 @@ def cli(argv=None) -> None:
     from drifting.policy.train import load_policy
 
     p = argparse.ArgumentParser(description="Evaluate a Push-T policy under Diffusion Policy's protocol.")
-    p.add_argument("policy", help="policy.pt written by drifting.policy.train")
+    p.add_argument("policy", help="policy.pt written by drifting.policy.train, or a training checkpoint "
+                                  "(RUN/checkpoints/ckpt-<step>.pt, or that folder for the latest; its EMA weights)")
     p.add_argument("--episodes", type=int, default=TEST_EPISODES)
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

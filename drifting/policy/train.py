@@ -109,11 +109,13 @@ def build_policy(cfg: PolicyConfig) -> ChunkPolicy:
 
 
 def load_policy(path: str | Path, map_location="cpu") -> ChunkPolicy:
-    """The exported policy (`policy.pt`): rebuilt from its stored config, normalisers included."""
+    """A policy rebuilt from its stored config, normalisers included: the exported `policy.pt`, or a training
+    checkpoint (`RUN/checkpoints/ckpt-<step>.pt`, or that folder for its latest), whose EMA weights are taken, as the
+    export would, so that checkpoints can be evaluated while the run goes on."""
     state = load_checkpoint(path, map_location=map_location)
     cfg = load_config_dict(state["config"])
     policy = build_policy(cfg)
-    policy.load_state_dict(state["model"])
+    policy.load_state_dict(state["ema"] if "ema" in state else state["model"])
     return policy.eval()
 
 
