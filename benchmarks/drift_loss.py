@@ -11,7 +11,9 @@ problem and bytes = inputs read once + gradient written once, and the ratio to t
 
 As a chunked training step calls it: `--keys none --all-keys --training-dtypes --classes 4` (the 86 keys of one
 chunk of 4 classes, the mean and std keys in fp32 as the features give them; a 64-class step makes 16 such calls per
-key). `--kernel-variant fp32_dot=tf32x3` sets `drift_triton.VARIANT` for the fused path.
+key). `--kernel-variant fp32_dot=tf32x3` sets `drift_triton.VARIANT` for the fused path. `--given-stats` passes each
+call its statistics, computed beforehand and not timed, as a class-chunked step does (the fused kernel then runs
+pass 3 alone); the JSON holds every key's time (`per_key_ms`), the profile of where a step's loss phase goes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from drifting.drift import drift_loss
+from drifting.drift import drift_loss, drift_stats
 from drifting.kernels import kernel_variant
 
 N_C, C_G, C_N, C_P = 64, 64, 16, 64
@@ -81,13 +83,20 @@ def floor_ms(locations: int, s: int, itemsize: int = 2) -> float:
     return 1e3 * max(flops / PEAK_FLOPS, bytes_ / PEAK_BYTES)
 
 
-def loss_step(impl: str, gen, pos, neg, w):
+def loss_step(impl: str, gen, pos, neg, w, stats=None):
     gen.grad = None
     if impl == "compiled":
         loss, _ = _compiled(gen, pos, neg, w)
     else:
-        loss, _ = drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl=impl, check_finite=False)
+        loss, _ = drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl=impl, check_finite=False,
+                             stats=stats)
     loss.mean().backward()
+
+
+def given_stats(gen, pos, neg, w):
+    """The statistics a class-chunked step hands its loss calls (here from the call's own problems)."""
+    with torch.no_grad():
+        return drift_stats(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, check_finite=False)
 
 
 def _reference(gen, pos, neg, w):
@@ -127,6 +136,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=N_C, help="N_C classes per call (a training chunk: 4)")
     parser.add_argument("--kernel-variant", type=kernel_variant, default="",
                         help="drift_triton.VARIANT items, e.g. fp32_dot=tf32x3")
+    parser.add_argument("--given-stats", action="store_true",
+                        help="86-key set: pass each call its statistics (untimed), as a class-chunked step does")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
@@ -141,6 +152,8 @@ def main() -> None:
     N_C = args.classes
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if "compiled" in impls:
+        if args.given_stats:
+            parser.error("--given-stats: not with the compiled impl (it computes its own statistics)")
         _compiled = torch.compile(_reference)
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"drifting loss, forward + backward, {args.dtype} inputs, {N_C} classes, {card}"
@@ -171,14 +184,20 @@ def main() -> None:
         total_floor = sum(floor_ms(l, s, dtypes[name].itemsize) for name, l, s in keys)
         row = {"key": "86 keys", "problems": N_C * sum(l for _, l, _ in keys), "floor_ms": total_floor,
                "training_dtypes": args.training_dtypes, "fp32_keys": sum(d == torch.float32 for d in dtypes.values())}
+        row["given_stats"] = args.given_stats
         for impl in impls:
-            total_ms, peak = 0.0, 0.0
+            per_key, peak = {}, 0.0
             for name, locations, s in keys:
                 inputs = make_inputs(locations, s, args.device, dtype=dtypes[name])
-                ms, gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2))
-                total_ms, peak = total_ms + ms, max(peak, gib)
+                if args.given_stats:
+                    inputs = (*inputs, given_stats(*inputs))
+                per_key[name], gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2))
+                peak = max(peak, gib)
                 del inputs
-            row[impl] = {"ms": total_ms, "peak_gib": peak, "x_floor": total_ms / total_floor}
+            total_ms = sum(per_key.values())
+            row[impl] = {"ms": total_ms, "peak_gib": peak, "x_floor": total_ms / total_floor, "per_key_ms": per_key}
+            slowest = sorted(per_key, key=per_key.get, reverse=True)[:8]
+            print(f"  {impl}, slowest keys: " + ", ".join(f"{k} {per_key[k]:.1f}" for k in slowest))
         rows.append(row)
         print(f"{'86 keys':<10} {row['problems']:>8} {'':>5} {'':>7} {total_floor:>8.2f} " + " ".join(
             f"{row[i]['ms']:>11.2f} / {row[i]['peak_gib']:>6.2f} {row[i]['x_floor']:>7.1f}" for i in impls))
