@@ -15,6 +15,7 @@ pytest.importorskip("shapely")
 pytest.importorskip("pygame")
 pytest.importorskip("gym_pusht")
 
+from drifting.config import load_config, resolve_preset  # noqa: E402
 from drifting.policy.demos import (  # noqa: E402
     DemoConfig, PushTDemos, export_npz, read_demos, read_zarr, split_episodes, synthetic_zarr, window_index,
 )
@@ -245,6 +246,25 @@ def test_compiled_training_matches_eager(tmp_path, method):
         losses[compiled] = train_tiny(tmp_path, str(compiled), method=method, steps=3, compile=compiled)["loss"]
         load_policy(tmp_path / str(compiled) / "policy.pt")  # strict load: no "_orig_mod." keys
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.parametrize("name,method", [("policy/pusht", "drift"), ("policy/pusht_ddpm", "ddpm")])
+def test_push_t_presets_load_by_name(name, method):
+    cfg = load_config(PolicyConfig, resolve_preset(name))
+    assert cfg.train.method == method and cfg.model.down_dims == (256, 512, 1024) and cfg.train.compile
+    assert cfg.train.k_pos == 4 and cfg.data == DemoConfig()  # the data as Diffusion Policy splits it
+
+
+def test_cli_takes_overrides_after_the_preset(tmp_path):
+    from drifting.policy.train import cli as train_cli
+
+    path = synthetic_zarr(tmp_path / "tiny.zarr")
+    train_cli([str(tmp_path / "run"), "--preset", "policy/pusht", f"data.path={path}", "model.down_dims=[8,16]",
+               "model.time_dim=8", "train.compile=false", "train.batch=8", "train.gen_per_obs=4", "train.steps=1",
+               "train.device=cpu"])
+    cfg = load_config(PolicyConfig, tmp_path / "run" / "config.yaml")
+    assert cfg.model.down_dims == (8, 16) and cfg.train.batch == 8 and cfg.train.k_pos == 4  # override + preset
+    assert (tmp_path / "run" / "policy.pt").is_file()
 
 
 def test_score_spread():

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from drifting.config import config_to_dict, load_config, save_config
+from drifting.config import config_to_dict, load_config, resolve_preset, save_config
 from drifting.drift import drift_loss
 from drifting.policy.demos import DemoConfig, PushTDemos
 from drifting.policy.model import ChunkPolicy, PolicyModelConfig
@@ -268,10 +268,11 @@ def main(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = True, data: d
 def cli(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train a Push-T policy (Drifting Policy or the DDPM baseline).")
     p.add_argument("run_dir")
-    p.add_argument("--preset", default=None, help="a YAML file of PolicyConfig")
+    p.add_argument("--preset", default=None,
+                   help="a YAML file of PolicyConfig, or a name under configs/ (policy/pusht, policy/pusht_ddpm)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.method=ddpm data.path=...")
-    a = p.parse_args(argv)
-    main(load_config(PolicyConfig, a.preset, a.overrides), a.run_dir)
+    a = p.parse_intermixed_args(argv)  # RUN --preset NAME overrides...: overrides after the option too
+    main(load_config(PolicyConfig, resolve_preset(a.preset) if a.preset else None, a.overrides), a.run_dir)
 
 
 if __name__ == "__main__":
