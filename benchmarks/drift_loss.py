@@ -14,6 +14,9 @@ chunk of 4 classes, the mean and std keys in fp32 as the features give them; a 6
 key). `--kernel-variant fp32_dot=tf32x3` sets `drift_triton.VARIANT` for the fused path. `--given-stats` passes each
 call its statistics, computed beforehand and not timed, as a class-chunked step does (the fused kernel then runs
 pass 3 alone); the JSON holds every key's time (`per_key_ms`), the profile of where a step's loss phase goes.
+`--stats-pass` times instead what the statistics pass of a class-chunked step computes per key (`scale_sums` then
+`field_square_sums`, no gradient; impls reference, fused = the kernel's passes 1-2, compiled = the reference math
+under torch.compile as `train.stats_compiled`); the "x floor" column stays the loss's floor there.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from drifting.drift import drift_loss, drift_stats
+from drifting.drift import drift_loss, drift_stats, field_square_sums, scale_sums
 from drifting.kernels import kernel_variant
 
 N_C, C_G, C_N, C_P = 64, 64, 16, 64
@@ -93,6 +96,14 @@ def loss_step(impl: str, gen, pos, neg, w, stats=None):
     loss.mean().backward()
 
 
+@torch.no_grad()
+def stats_step(impl: str, gen, pos, neg, w):
+    """The statistics math of one key of one chunk, as the statistics pass runs it."""
+    sums = scale_sums(gen, pos, neg, neg_weight=w, impl=impl, check_finite=False)
+    field_square_sums(gen, pos, neg, neg_weight=w, total_scale_sums=sums, temperatures=TEMPERATURES, impl=impl,
+                      check_finite=False)
+
+
 def given_stats(gen, pos, neg, w):
     """The statistics a class-chunked step hands its loss calls (here from the call's own problems)."""
     with torch.no_grad():
@@ -106,10 +117,10 @@ def _reference(gen, pos, neg, w):
 _compiled = None
 
 
-def time_impl(impl: str, inputs, device: str, repeat: int) -> tuple[float, float]:
-    """Median milliseconds and peak GiB of forward + backward."""
+def time_impl(impl: str, inputs, device: str, repeat: int, step=loss_step) -> tuple[float, float]:
+    """Median milliseconds and peak GiB of step(impl, *inputs) (default: the loss's forward + backward)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    loss_step(impl, *inputs)  # warm-up (compilation, autotuning)
+    step(impl, *inputs)  # warm-up (compilation, autotuning)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -117,7 +128,7 @@ def time_impl(impl: str, inputs, device: str, repeat: int) -> tuple[float, float
     for _ in range(repeat):
         sync()
         t0 = time.perf_counter()
-        loss_step(impl, *inputs)
+        step(impl, *inputs)
         sync()
         times.append(1e3 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -138,6 +149,8 @@ def main() -> None:
                         help="drift_triton.VARIANT items, e.g. fp32_dot=tf32x3")
     parser.add_argument("--given-stats", action="store_true",
                         help="86-key set: pass each call its statistics (untimed), as a class-chunked step does")
+    parser.add_argument("--stats-pass", action="store_true",
+                        help="86-key set: time each key's statistics math (scale_sums, field_square_sums) instead")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
@@ -151,7 +164,9 @@ def main() -> None:
         parser.error(f"--classes: expected >= 1, got {args.classes}")
     N_C = args.classes
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    if "compiled" in impls:
+    if args.given_stats and args.stats_pass:
+        parser.error("--given-stats: not with --stats-pass (one times the loss calls, the other the statistics)")
+    if "compiled" in impls and not args.stats_pass:
         if args.given_stats:
             parser.error("--given-stats: not with the compiled impl (it computes its own statistics)")
         _compiled = torch.compile(_reference)
@@ -184,14 +199,15 @@ def main() -> None:
         total_floor = sum(floor_ms(l, s, dtypes[name].itemsize) for name, l, s in keys)
         row = {"key": "86 keys", "problems": N_C * sum(l for _, l, _ in keys), "floor_ms": total_floor,
                "training_dtypes": args.training_dtypes, "fp32_keys": sum(d == torch.float32 for d in dtypes.values())}
-        row["given_stats"] = args.given_stats
+        row["given_stats"], row["stats_pass"] = args.given_stats, args.stats_pass
+        step = stats_step if args.stats_pass else loss_step
         for impl in impls:
             per_key, peak = {}, 0.0
             for name, locations, s in keys:
                 inputs = make_inputs(locations, s, args.device, dtype=dtypes[name])
                 if args.given_stats:
                     inputs = (*inputs, given_stats(*inputs))
-                per_key[name], gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2))
+                per_key[name], gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2), step)
                 peak = max(peak, gib)
                 del inputs
             total_ms = sum(per_key.values())
