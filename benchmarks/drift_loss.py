@@ -164,6 +164,8 @@ def main() -> None:
         parser.error(f"--classes: expected >= 1, got {args.classes}")
     N_C = args.classes
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    if (args.given_stats or args.stats_pass) and not args.all_keys:
+        parser.error("--given-stats, --stats-pass: they time the 86-key set, expected --all-keys with them")
     if args.given_stats and args.stats_pass:
         parser.error("--given-stats: not with --stats-pass (one times the loss calls, the other the statistics)")
     if "compiled" in impls and not args.stats_pass:
