@@ -205,7 +205,8 @@ class FeatureDriftLoss:
                 (with a bf16 encoder: a tap's six mean and std keys, fp32, together; its location key, bf16, alone),
                 their problems stacked, each at its own key's statistics (`drift_loss(groups=...)`): the same
                 losses, 26 calls instead of 86 for the latent MAE-256, more memory for one group's stacked
-                problems. Keys of few problems leave the GPU nearly empty alone (untimed on a GPU so far).
+                problems. Keys of few problems leave the GPU nearly empty alone (on an H200 at the ablation size the
+                loss calls of a step take 18% less time grouped).
 
         Returns:
             loss: scalar, sum over keys of (sum of this batch's key losses / global number of problems of the key).
