@@ -35,8 +35,9 @@ temporaries (bounded by `chunk_size`) exist, and they are freed before the next 
 differentiated with respect to its tap right away (`torch.autograd.grad`), and the returned loss carries the
 accumulated tap gradients into one backward through the encoder. Building every key's graph instead would keep each
 key's fp32 residual for the backward until the end, about 1.6x the generated taps in fp32 (the per-location keys
-are 1x, the 2x2 and 4x4 window statistics 0.6x); the tap gradient buffers are 1x in the taps' dtype. On CPU (width 32, 4 classes of 8/8/2 samples) the peak grows by 160 MiB instead of 236 MiB with a bf16
-encoder and 259 MiB instead of 289 MiB in fp32.
+are 1x, the 2x2 and 4x4 window statistics 0.6x); the tap gradient buffers are 1x in the taps' dtype. On CPU
+(width 32, 4 classes of 8/8/2 samples) the peak grows by 160 MiB instead of 236 MiB with a bf16 encoder and 259 MiB
+instead of 289 MiB in fp32.
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ class FeatureDriftLoss:
 
     Args:
         encoder: a module with `taps(x) -> {name: [N, C, h, w]}` and, for `norm_x`, `patchify(x) -> [N, C_in, h, w]`
-            (e.g. `ResNetMAE`), or None for the loss on the raw samples alone (the `global` key). It is frozen here: requires_grad_(False) and eval(). Gradients still flow through it
-            to the generated samples. Moving it to a device or running it under autocast is the caller's business.
+            (e.g. `ResNetMAE`), or None for the loss on the raw samples alone (the `global` key). It is frozen
+            here: requires_grad_(False) and eval(). Gradients still flow through it to the generated samples.
+            Moving it to a device or running it under autocast is the caller's business.
         features: which keys (`FeatureConfig`; default the authors' 86-key set).
-        **drift_options: passed to `drift_loss` and the partial sums of `drift.py`: temperatures, normalize, affinity_floor, self_mask,
-            attraction, repulsion, chunk_size (problems per chunk inside a key), check_finite.
+        **drift_options: passed to `drift_loss` and the partial sums of `drift.py`: temperatures, normalize,
+            affinity_floor, self_mask, attraction, repulsion, chunk_size (problems per chunk inside a key),
+            check_finite.
     """
 
     def __init__(self, encoder: nn.Module | Sequence[nn.Module] | None, features: FeatureConfig = FeatureConfig(),
