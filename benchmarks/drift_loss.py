@@ -104,10 +104,10 @@ def stats_step(impl: str, gen, pos, neg, w):
                       check_finite=False)
 
 
+@torch.no_grad()
 def given_stats(gen, pos, neg, w):
     """The statistics a class-chunked step hands its loss calls (here from the call's own problems)."""
-    with torch.no_grad():
-        return drift_stats(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, check_finite=False)
+    return drift_stats(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, check_finite=False)
 
 
 def _reference(gen, pos, neg, w):

@@ -186,11 +186,7 @@ def train_tiny(tmp_path, run: str, **train_changes) -> dict:
 @pytest.mark.parametrize("method,positives", [("drift", "knn"), ("drift", "knn_episodes"), ("drift", "single"),
                                               ("ddpm", "knn")])
 def test_smoke_training_and_evaluation(tmp_path, method, positives):
-    path = synthetic_zarr(tmp_path / "tiny.zarr")
-    cfg = PolicyConfig(data=DemoConfig(path=str(path)), model=TINY,
-                       train=PolicyTrainConfig(method=method, positives=positives, k_pos=4, gen_per_obs=4, batch=8,
-                                               steps=3, log_every=1, warmup_steps=1, ddpm_steps=5, device="cpu"))
-    last = main(cfg, tmp_path / "run")
+    last = train_tiny(tmp_path, "run", method=method, positives=positives, steps=3)
     assert np.isfinite(last["loss"])
     policy = load_policy(tmp_path / "run" / "policy.pt")
     assert policy.kind == method and float(policy.action_norm.high.max()) > 1.0  # raw pixel units restored
@@ -228,10 +224,7 @@ def test_a_training_checkpoint_loads_as_its_ema_policy(tmp_path):
 
 
 def test_time_limit_ends_with_the_export(tmp_path):
-    path = synthetic_zarr(tmp_path / "tiny.zarr")
-    train = PolicyTrainConfig(k_pos=4, gen_per_obs=4, batch=8, steps=6, log_every=2, warmup_steps=1, device="cpu",
-                              time_limit_min=1e-9)
-    main(PolicyConfig(data=DemoConfig(path=str(path)), model=TINY, train=train), tmp_path / "run")
+    train_tiny(tmp_path, "run", steps=6, log_every=2, time_limit_min=1e-9)
     assert load_checkpoint(tmp_path / "run" / "policy.pt")["meta"]["step"] == 2
     with pytest.raises(ValueError, match="train.time_limit_min"):
         PolicyConfig(train=PolicyTrainConfig(time_limit_min=-1.0))
@@ -263,7 +256,8 @@ def test_cli_takes_overrides_after_the_preset(tmp_path):
                "model.time_dim=8", "train.compile=false", "train.batch=8", "train.gen_per_obs=4", "train.steps=1",
                "train.device=cpu"])
     cfg = load_config(PolicyConfig, tmp_path / "run" / "config.yaml")
-    assert cfg.model.down_dims == (8, 16) and cfg.train.batch == 8 and cfg.train.k_pos == 4  # override + preset
+    assert cfg.model.down_dims == (8, 16) and cfg.train.batch == 8  # the overrides
+    assert cfg.train.ema_decay == 0.999 and cfg.train.warmup_steps == 500  # the preset's, not the defaults
     assert (tmp_path / "run" / "policy.pt").is_file()
 
 

@@ -71,7 +71,7 @@ class PolicyTrainConfig:
     bf16: bool = False
     # torch.compile the network for the training forwards (its GroupNorm and Mish chains fuse; the same weights and
     # results to float rounding, one compilation of ~1 min at the start): a drifting step at Diffusion Policy's size
-    # on an H200 alone takes ~38 ms against ~90 eager. Off by default (the compilation dominates short CPU runs).
+    # on an H200 alone takes ~36 ms against ~90 eager. Off by default (the compilation dominates short CPU runs).
     compile: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
