@@ -9,7 +9,7 @@ has to be chosen; `train.positives` picks one of three choices (compare them wit
               observation space (itself included), i.e. samples of p(action | obs ~ obs_b). K = 4 by default: a
               small K keeps the sample tight (most neighbours are the same demonstration a few steps away, the
               motion shifted in time), and scored best at Diffusion Policy's size on a GPU (0.850 against <= 0.76
-              for K = 16, docs/results.md).
+              for K = 16; 0.863 after 21 minutes alone on an H200, docs/results.md).
     "knn_episodes"  the same, but at most one window per demonstration episode (the nearest of each of the K
               nearest episodes; window b itself for its own). With "knn", 56% of Push-T's 15 neighbours are the same
               episode a median of 3 steps earlier or later (the same motion shifted in time); this choice removes
