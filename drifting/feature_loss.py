@@ -318,11 +318,11 @@ class FeatureDriftLoss:
         if fused_min_problems is not None and (isinstance(fused_min_problems, bool)
                                                or not isinstance(fused_min_problems, int) or fused_min_problems < 1):
             raise ValueError(f"fused_min_problems: expected None or an integer >= 1, got {fused_min_problems!r}")
-        # The partial sums run the reference math unless impl="fused" is asked for: on an H200, at the ablation
-        # sizes (86 keys, chunks of 4 classes), passes 1 and 2 of the fused kernel took 3.0 s for what the
-        # reference's batched matrix products do in 1.9 s (docs/benchmarks.md): one program per problem leaves the
-        # GPU nearly empty on keys of few problems. "auto" therefore means reference here, or, with
-        # fused_min_problems, the kernel for the calls with enough problems to fill the GPU.
+        # The partial sums run the reference math unless impl="fused" or fused_min_problems asks for the kernel:
+        # with the kernel's first fp32 tiles it was the slower path (3.0 s of passes 1-2 per step against 1.9 s).
+        # With the fp32 tiles of 32 the profile turned (one 4-class chunk, 86 keys, H200: 98 ms on the kernel, 193
+        # compiled, 259 reference; docs/benchmarks.md, ninth sitting); the step with fused_min_problems=1 is not
+        # yet timed, so "auto" still means the reference math here.
         asked = self.drift_options.get("impl", "auto")
 
         def impl(problems: int) -> str:

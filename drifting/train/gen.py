@@ -127,9 +127,11 @@ class TrainConfig:
     # (~4x fewer kernels; the same statistics to float rounding; slower on a CPU, 2% faster steps on an H200).
     stats_group_keys: bool = False
     # With class chunks: statistics calls of at least this many problems on the fused kernel (CUDA), smaller ones on
-    # the reference math; None: all on the reference math (the kernel's one program per problem leaves the GPU
-    # nearly empty on small keys: docs/benchmarks.md). Same statistics to float rounding. Measured on an H200 at the
-    # ablation size: 0.5 s slower per step with N = 4096, so off by default.
+    # the reference math (compiled with stats_compiled); None: all on the reference math. Same statistics to float
+    # rounding. On an H200 at the ablation size, with the fp32 tiles of 32, the 86 keys' statistics math of a 4-class
+    # chunk takes 98 ms with 1 (all on the kernel) against 193 ms compiled (docs/benchmarks.md, ninth sitting): ~1.5 s
+    # per step by that profile, not yet timed in the step. Off by default until it is (with the old tiles, 4096 was
+    # 0.5 s slower per step than the compiled math).
     stats_fused_min_problems: int | None = None
     # With class chunks: the statistics' reference math under torch.compile (dynamic shapes; a few compilations at
     # the start). Same statistics to float rounding (which on keys of nearly equal vectors is ~1e-2 in float32 on
