@@ -261,6 +261,37 @@ def test_cli_takes_overrides_after_the_preset(tmp_path):
     assert (tmp_path / "run" / "policy.pt").is_file()
 
 
+def test_eval_cli_scores_every_checkpoint_and_summarises_the_curve(tmp_path):
+    train_tiny(tmp_path, "run", steps=3, checkpoint_every=1, keep_checkpoints=5)
+    out = tmp_path / "curve.json"
+    eval_cli([str(tmp_path / "run"), "--all-checkpoints", "--episodes", "2", "--max-steps", "9", "--device", "cpu",
+              "--sample-seeds", "2", "--last", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["checkpoints"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    means = [r["score_mean_over_sample_seeds"] for r in rows]
+    assert means == [pytest.approx(np.mean(r["scores_by_sample_seed"])) for r in rows]
+    assert result["best"] == {"step": rows[int(np.argmax(means))]["step"], "score": max(means)}
+    assert result["mean_of_last"] == {"checkpoints": 2, "first_step": 2, "score": pytest.approx(np.mean(means[1:]))}
+    # each checkpoint is scored with its own weights (its EMA): the one-checkpoint command agrees with its row
+    single = tmp_path / "single.json"
+    eval_cli([str(tmp_path / "run" / "checkpoints" / "ckpt-000000001.pt"), "--episodes", "2", "--max-steps", "9",
+              "--device", "cpu", "--out", str(single)])
+    assert json.loads(single.read_text())["score"] == rows[0]["score"]
+
+
+@pytest.mark.parametrize("args,named", [
+    (["policy.pt", "--all-checkpoints"], "--all-checkpoints: expected a folder"),  # a file, not a checkpoints folder
+    (["checkpoints", "--all-checkpoints", "--last", "0"], "--last: expected >= 1"),
+    (["policy.pt", "--episodes", "0"], "--episodes: expected >= 1"),
+])
+def test_eval_cli_rejects_bad_arguments_naming_them(tmp_path, args, named, capsys):
+    train_tiny(tmp_path, "run", steps=1, checkpoint_every=1)
+    with pytest.raises(SystemExit):
+        eval_cli([str(tmp_path / "run" / args[0]), *args[1:], "--device", "cpu"])
+    assert named in capsys.readouterr().err
+
+
 def test_score_spread():
     out = score_spread([1.0, 0.0, 0.5, 0.02])
     assert out["episodes_below_0.05"] == 2

@@ -88,8 +88,34 @@ def score_spread(max_rewards) -> dict:
     return {"score_se": se, "episodes_below_0.05": int((r < 0.05).sum())}
 
 
+def score_policy(policy: ChunkPolicy, *, episodes: int = TEST_EPISODES, max_steps: int = MAX_STEPS,
+                 sample_seeds: int = 1, device=None) -> dict:
+    """`evaluate` under noise seed 0 (the protocol's score) with its spread, and with sample_seeds > 1 the same
+    episodes under seeds 1..N-1 too ("scores_by_sample_seed", "score_mean_over_sample_seeds")."""
+    result = evaluate(policy, episodes, max_steps=max_steps, device=device)
+    result.update(score_spread(result["max_rewards"]))
+    if sample_seeds > 1:
+        scores = [result["score"]] + [evaluate(policy, episodes, max_steps=max_steps, device=device,
+                                               sample_seed=k)["score"] for k in range(1, sample_seeds)]
+        result["scores_by_sample_seed"] = scores
+        result["score_mean_over_sample_seeds"] = float(np.mean(scores))
+    return result
+
+
+def checkpoint_curve(rows: list[dict], last: int) -> dict:
+    """Diffusion Policy's two summaries of a run's checkpoints: the best one, and the mean of the last `last` (each
+    row's score is its mean over noise seeds where it has one)."""
+    scores = [r.get("score_mean_over_sample_seeds", r["score"]) for r in rows]
+    best = int(np.argmax(scores))
+    tail = scores[-last:]
+    return {"best": {"step": rows[best]["step"], "score": scores[best]},
+            "mean_of_last": {"checkpoints": len(tail), "first_step": rows[-len(tail)]["step"],
+                             "score": float(np.mean(tail))}}
+
+
 def cli(argv=None) -> None:
     from drifting.policy.train import load_policy
+    from drifting.train.checkpoint import list_checkpoints
 
     p = argparse.ArgumentParser(description="Evaluate a Push-T policy under Diffusion Policy's protocol.")
     p.add_argument("policy", help="policy.pt written by drifting.policy.train, or a training checkpoint "
@@ -100,20 +126,35 @@ def cli(argv=None) -> None:
     p.add_argument("--sample-seeds", type=int, default=1,
                    help="also roll out with the policy's noise seeds 1..N-1 on the same episodes and report the "
                         "mean score (the protocol's score stays seed 0's)")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="policy is a run's checkpoints folder (or the run): score every checkpoint in step order and "
+                        "report the best one and the mean of the last --last (Diffusion Policy's two summaries)")
+    p.add_argument("--last", type=int, default=5, help="with --all-checkpoints: how many of the last checkpoints "
+                                                       "the mean takes")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    if a.sample_seeds < 1:
-        p.error(f"--sample-seeds: expected >= 1, got {a.sample_seeds}")
-    policy = load_policy(a.policy, map_location=a.device)
-    result = evaluate(policy, a.episodes, max_steps=a.max_steps, device=a.device)
-    result.update(score_spread(result["max_rewards"]))
-    if a.sample_seeds > 1:
-        scores = [result["score"]] + [evaluate(policy, a.episodes, max_steps=a.max_steps, device=a.device,
-                                               sample_seed=k)["score"] for k in range(1, a.sample_seeds)]
-        result["scores_by_sample_seed"] = scores
-        result["score_mean_over_sample_seeds"] = float(np.mean(scores))
-    result["latency"] = chunk_latency(policy, device=a.device)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("max_rewards", "steps")}, indent=2))
+    for name in ("episodes", "max_steps", "sample_seeds", "last"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
+    if a.all_checkpoints:
+        found = list_checkpoints(a.policy) or list_checkpoints(Path(a.policy) / "checkpoints")  # the folder or RUN
+        if not found:
+            p.error(f"--all-checkpoints: expected a folder of ckpt-<step>.pt files (RUN/checkpoints), got {a.policy}")
+        rows = []
+        for step, path in found:
+            r = score_policy(load_policy(path, map_location=a.device), episodes=a.episodes, max_steps=a.max_steps,
+                             sample_seeds=a.sample_seeds, device=a.device)
+            rows.append({"step": step, **{k: v for k, v in r.items() if k not in ("max_rewards", "steps")}})
+            print(f"step {step}: score {r['score']:.3f}" + (f", mean over noise seeds "
+                  f"{r['score_mean_over_sample_seeds']:.3f}" if a.sample_seeds > 1 else ""), flush=True)
+        result = {"checkpoints": rows, **checkpoint_curve(rows, a.last)}
+        print(json.dumps({k: v for k, v in result.items() if k != "checkpoints"}, indent=2))
+    else:
+        policy = load_policy(a.policy, map_location=a.device)
+        result = score_policy(policy, episodes=a.episodes, max_steps=a.max_steps, sample_seeds=a.sample_seeds,
+                              device=a.device)
+        result["latency"] = chunk_latency(policy, device=a.device)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("max_rewards", "steps")}, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
