@@ -294,7 +294,8 @@ class FeatureDriftLoss:
     @torch.no_grad()
     def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None,
               keep_sources: bool = False, group_keys: bool = False,
-              fused_min_problems: int | None = None, compiled: bool = False) -> FeatureStats:
+              fused_min_problems: int | None = None, compiled: bool = False,
+              stack_below: int | None = None) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
         Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
@@ -311,6 +312,11 @@ class FeatureDriftLoss:
         compiled: the reference math under torch.compile (`drift.scale_sums(impl="compiled")`): its element-wise
         chains fused into a few kernels; one compilation per kind of call (dynamic shapes), the same statistics to
         float rounding.
+        stack_below: the calls of fewer problems than this in one batch (a key, or a source's keys with group_keys)
+        wait for the last batch and run once, every batch's problems stacked: a key of 4 problems per 4-class chunk
+        makes one call of 64 problems per step instead of 16 calls of 4, each of which would fill 4 of a GPU's
+        ~132 SMs. The same statistics to float rounding (the float64 sums are added in another order); memory for
+        those calls' problems of every batch until the end of each pass. None: every call per batch.
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
@@ -318,6 +324,9 @@ class FeatureDriftLoss:
         if fused_min_problems is not None and (isinstance(fused_min_problems, bool)
                                                or not isinstance(fused_min_problems, int) or fused_min_problems < 1):
             raise ValueError(f"fused_min_problems: expected None or an integer >= 1, got {fused_min_problems!r}")
+        if stack_below is not None and (isinstance(stack_below, bool) or not isinstance(stack_below, int)
+                                        or stack_below < 1):
+            raise ValueError(f"stack_below: expected None or an integer >= 1, got {stack_below!r}")
         # The partial sums run the reference math unless impl="fused" or fused_min_problems asks for the kernel:
         # with the kernel's first fp32 tiles it was the slower path (3.0 s of passes 1-2 per step against 1.9 s).
         # With the fp32 tiles of 32 the profile turned (one 4-class chunk, 86 keys, H200: 98 ms on the kernel, 193
@@ -341,7 +350,7 @@ class FeatureDriftLoss:
         scale_sums = self._accumulate(
             batches, lambda g, p, n, nw, keys, groups: drift.scale_sums(g, p, n, neg_weight=nw, groups=groups,
                                                                         impl=impl(g.shape[0]), **pass1),
-            sources, group_keys)
+            sources, group_keys, stack_below)
         keys = list(scale_sums)
         num_classes = sum(b.num_classes for b in batches)
         packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
@@ -357,7 +366,7 @@ class FeatureDriftLoss:
             lambda g, p, n, nw, keys, groups: drift.field_square_sums(
                 g, p, n, neg_weight=nw, total_scale_sums=torch.stack([global_scale_sums[k] for k in keys]),
                 groups=groups, impl=impl(g.shape[0]), **options),
-            sources, group_keys,
+            sources, group_keys, stack_below,
         )
         packed = torch.stack([square_sums[k] for k in keys])  # (K, R + 1)
         if all_reduce is not None:
@@ -371,24 +380,45 @@ class FeatureDriftLoss:
         """The sources of a batch's generated and of its real samples (pos, then neg)."""
         return self._sources(b.gen), self._sources(b.pos if b.neg is None else torch.cat([b.pos, b.neg]))
 
-    def _accumulate(self, batches: list[ClassBatch], partial, sources=None, group_keys=False) -> dict[str, Tensor]:
+    def _accumulate(self, batches: list[ClassBatch], partial, sources=None, group_keys=False,
+                    stack_below: int | None = None) -> dict[str, Tensor]:
         """Sum partial(gen, pos, neg, neg_weight, keys, groups) per key over the batches (sources: precomputed, or
         None); partial returns one row of sums per key. With group_keys the keys of one source (a tap's location,
         mean, std and window keys all have the tap's channels as their dimension S) go in one call, their problems
         stacked, groups being their problem counts: one call instead of seven per tap, at the memory of one source's
-        stacked problems (no gradient is kept here). Otherwise one call per key (groups of one)."""
+        stacked problems (no gradient is kept here). Otherwise one call per key (groups of one). stack_below: calls
+        of fewer problems are held and made once after the last batch, over every batch's problems (see `stats`)."""
         sums: dict[str, Tensor] = {}
+        order: dict[str, None] = {}  # the keys in the order of the problem sets, whichever calls were held
+        held: dict[tuple, list[tuple]] = {}  # (keys, shapes) -> each batch's (g, p, n, nw) of those keys
+
+        def add(keys, g, p, n, nw, device_type):
+            with torch.autocast(device_type, enabled=False):
+                part = partial(*_stacked(g, p, n, nw), keys, [len(t) for t in g])
+            for key, row in zip(keys, part):
+                sums[key] = row if key not in sums else sums[key] + row
+
         for i, b in enumerate(batches):
             gen_sources, real_sources = sources[i] if sources is not None else self._batch_sources(b)
             problem_sets = self._problem_sets(gen_sources, real_sources, b)  # (source, key, L, g, p, n, nw)
             by = 0 if group_keys else 1  # consecutive problem sets of one source, or each key alone
             for _, together in itertools.groupby(problem_sets, key=lambda problem_set: problem_set[by]):
                 _, keys, _, g, p, n, nw = zip(*together)
-                with torch.autocast(b.gen.device.type, enabled=False):
-                    part = partial(*_stacked(g, p, n, nw), keys, [len(t) for t in g])
-                for key, row in zip(keys, part):
-                    sums[key] = row if key not in sums else sums[key] + row
-        return sums
+                order.update(dict.fromkeys(keys))
+                if stack_below is not None and sum(len(t) for t in g) < stack_below:
+                    # batches whose problems have other sample counts are stacked apart (torch.cat needs equal ones)
+                    shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in (*g, *p, *n, *nw))
+                    held.setdefault((keys, shapes), []).append((g, p, n, nw, b.gen.device.type))
+                    continue
+                add(keys, g, p, n, nw, b.gen.device.type)
+        for (keys, _), per_batch in held.items():  # each key's problems batch after batch, then keys as above
+            stacked = [tuple(_cat([batch[j][k] for batch in per_batch]) for k in range(len(keys))) for j in range(4)]
+            add(keys, *stacked, per_batch[0][4])
+        return {key: sums[key] for key in order}
+
+
+def _cat(tensors: list[Tensor | None]) -> Tensor | None:
+    return None if tensors[0] is None else tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _stacked(*per_key: tuple[Tensor | None, ...]) -> list[Tensor | None]:

@@ -133,8 +133,9 @@ def test_stats_keeping_the_sources_equal_recomputing_them_with_one_encoder_pass_
 
 
 def test_stats_take_the_reference_math_unless_the_fused_kernel_is_asked_for(monkeypatch):
-    # On a GPU "auto" would pick the kernel; its passes 1 and 2 were slower than the reference at the ablation sizes
-    # (docs/benchmarks.md), so the statistics pass must not take them unless impl="fused".
+    # On a GPU "auto" would pick the kernel; the statistics pass takes it only when asked (impl="fused", or
+    # fused_min_problems): the reference math is the default (with the first fp32 tiles the kernel was the slower
+    # path; docs/benchmarks.md).
     from drifting import kernels
     called = []
     monkeypatch.setattr(kernels, "use_fused", lambda impl, *a: called.append(impl) or True)
@@ -177,6 +178,53 @@ def test_stats_put_only_the_calls_of_enough_problems_on_the_kernel_and_compile_t
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="fused_min_problems"):
             fdl.stats(batches, fused_min_problems=bad)
+
+
+def test_stats_stacking_the_small_calls_over_batches_equal_one_call_per_batch(monkeypatch):
+    # stack_below: a call of fewer problems waits for the last batch and runs once over every batch's problems
+    from drifting import drift
+    calls = []
+    real = drift.scale_sums
+    monkeypatch.setattr(drift, "scale_sums", lambda g, *a, **k: calls.append((g.shape[0], k["groups"]))
+                        or real(g, *a, **k))
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in [(0, 1), (1, 2), (2, 4)]]
+    per_batch = fdl.stats(batches)
+    calls_per_batch, calls[:] = list(calls), []
+    num_keys = len(per_batch.keys)
+    assert len(calls_per_batch) == 3 * num_keys
+    for stack_below, group_keys, keep in [(10**9, False, False), (8, False, True), (8, True, False)]:
+        calls.clear()
+        stacked = fdl.stats(batches, stack_below=stack_below, group_keys=group_keys, keep_sources=keep)
+        assert list(stacked.keys) == list(per_batch.keys) and stacked.num_classes == N_C  # same keys, same order
+        for key, s in per_batch.keys.items():
+            torch.testing.assert_close(stacked.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
+            torch.testing.assert_close(stacked.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
+        if stack_below == 10**9:  # everything held: one call per key, over the three batches' problems
+            totals = [sum(calls_per_batch[b * num_keys + k][0] for b in range(3)) for k in range(num_keys)]
+            assert [n for n, _ in calls] == totals and all(groups == [n] for n, groups in calls)
+        else:  # calls of >= 8 problems stay per batch, the smaller ones run once over the batches: fewer calls,
+            # every problem in exactly one of them
+            assert sum(n for n, _ in calls) == sum(n for n, _ in calls_per_batch)
+            assert len(calls) < (len(calls_per_batch) if not group_keys else len(calls_per_batch) / 3)
+            assert any(n >= 8 for n, _ in calls) and any(n < 8 for n, _ in calls_per_batch)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="stack_below"):
+            fdl.stats(batches, stack_below=bad)
+
+
+def test_stats_stack_batches_of_other_sample_counts_apart():
+    # a batch whose classes have another number of generated samples cannot be concatenated with the others: its
+    # problems are stacked apart, and the statistics stay those of one call per batch
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    few = ClassBatch(gen[:C_G - 1], pos[:C_P], neg[:C_N], w[:1])  # class 0 with one generated sample fewer
+    batches = [few, ClassBatch(*chunk_of(gen, pos, neg, w, 1, 4))]
+    per_batch, stacked = fdl.stats(batches), fdl.stats(batches, stack_below=10**9)
+    for key, s in per_batch.keys.items():
+        torch.testing.assert_close(stacked.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
+        torch.testing.assert_close(stacked.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
 
 
 def test_stats_pass_the_loss_options_to_both_passes(monkeypatch):

@@ -64,6 +64,9 @@ def test_class_chunks_give_the_same_update_as_one_step(tmp_path):
     grouped = tmp_path / "grouped"  # the statistics math once per source: the same run to float rounding
     main(with_train(TINY, steps=3, class_chunk=1, stats_group_keys=True), grouped, progress=False)
     assert_same_model(final_state(chunked)["model"], final_state(grouped)["model"], exact=False)
+    stacked = tmp_path / "stacked"  # the statistics calls once over every chunk: the same run to float rounding
+    main(with_train(TINY, steps=3, class_chunk=1, stats_stack_below=10**6), stacked, progress=False)
+    assert_same_model(final_state(chunked)["model"], final_state(stacked)["model"], exact=False)
 
 
 def test_loss_calls_with_a_sources_keys_stacked_give_the_same_run(tmp_path):
@@ -149,6 +152,8 @@ def test_config_errors_name_the_field():
         with_train(TINY, strategy="deepspeed")
     with pytest.raises(ValueError, match="train.stats_fused_min_problems"):
         with_train(TINY, stats_fused_min_problems=0)
+    with pytest.raises(ValueError, match="train.stats_stack_below"):
+        with_train(TINY, stats_stack_below=0)
     with pytest.raises(FileNotFoundError):
         main(replace(TINY, data=DataConfig(dataset="mnist", path="/nonexistent/mnist.npz")), "/tmp/unused-run")
 

@@ -137,6 +137,12 @@ class TrainConfig:
     # the start). Same statistics to float rounding (which on keys of nearly equal vectors is ~1e-2 in float32 on
     # either path: docs/benchmarks.md). On an H200 at the ablation size, 18% off the statistics pass (sixth sitting).
     stats_compiled: bool = False
+    # With class chunks: the statistics calls of fewer problems than this per chunk (the mean, std and window keys:
+    # 4-64 problems in a chunk of 4 classes) made once per pass over every chunk's problems, not once per chunk. The
+    # same statistics to float rounding. On an H200 such a call takes ~1 ms whatever its size up to ~132 problems
+    # (one program per problem; docs/benchmarks.md, ninth sitting), so 128 would turn 80 x 16 calls per pass into 80.
+    # Not yet timed in the step; None: off.
+    stats_stack_below: int | None = None
     # With class chunks: each chunk's loss call takes a tap's mean and std keys in one drifting-loss call, their
     # problems stacked, each at its own statistics (FeatureDriftLoss(..., group_keys=True)): 26 calls instead of 86
     # for a latent MAE-256, the same loss to float rounding. On an H200 at the ablation size, the loss phase 18%
@@ -215,6 +221,8 @@ class GenConfig:
             raise ValueError(f"train.class_chunk: expected None or >= 1, got {t.class_chunk}")
         if t.stats_fused_min_problems is not None and t.stats_fused_min_problems < 1:
             raise ValueError(f"train.stats_fused_min_problems: expected None or >= 1, got {t.stats_fused_min_problems}")
+        if t.stats_stack_below is not None and t.stats_stack_below < 1:
+            raise ValueError(f"train.stats_stack_below: expected None or >= 1, got {t.stats_stack_below}")
         if t.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {t.strategy!r}")
         if not all(0 <= d < 1 for d in t.ema_decays):
@@ -444,7 +452,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
                                             group_keys=t.stats_group_keys,
                                             fused_min_problems=t.stats_fused_min_problems,
-                                            compiled=t.stats_compiled)
+                                            compiled=t.stats_compiled, stack_below=t.stats_stack_below)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
