@@ -139,9 +139,9 @@ class TrainConfig:
     stats_compiled: bool = False
     # With class chunks: the statistics calls of fewer problems than this per chunk (the mean, std and window keys:
     # 4-64 problems in a chunk of 4 classes) made once per pass over every chunk's problems, not once per chunk. The
-    # same statistics to float rounding. On an H200 such a call takes ~1 ms whatever its size up to ~132 problems
-    # (one program per problem; docs/benchmarks.md, ninth sitting), so 128 would turn 80 x 16 calls per pass into 80.
-    # Not yet timed in the step; None: off.
+    # same statistics to float rounding. On an H200 each of those calls took ~1 ms with 4-64 problems, one program
+    # per problem on a few of the 132 SMs (docs/benchmarks.md, ninth sitting); 128 turns their 16 x 80 calls per
+    # pass into 80 of 16x the problems. Not yet timed in the step; None: off.
     stats_stack_below: int | None = None
     # With class chunks: each chunk's loss call takes a tap's mean and std keys in one drifting-loss call, their
     # problems stacked, each at its own statistics (FeatureDriftLoss(..., group_keys=True)): 26 calls instead of 86
