@@ -173,7 +173,8 @@ def main() -> None:
                 with autocast, record_function("statistics pass: loss.stats"):
                     stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
                                          group_keys=t.stats_group_keys, fused_min_problems=t.stats_fused_min_problems,
-                                         compiled=t.stats_compiled, stack_below=t.stats_stack_below)
+                                         compiled=t.stats_compiled, stack_below=t.stats_stack_below,
+                                         stacked_losses=t.stats_stacked_losses)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):

@@ -80,6 +80,9 @@ class FeatureStats(NamedTuple):
     keys: dict[str, DriftStats]
     num_classes: int
     real_sources: tuple[dict[str, Tensor], ...] | None = None
+    # with `stats(stacked_losses=True)`: per batch, key -> (its problems' losses [n], the gradient of their sum with
+    # respect to the key's generated problems [n, C_g, S]), which the loss call of batch k takes given `chunk=k`
+    losses: tuple[dict[str, tuple[Tensor, Tensor]], ...] | None = None
 
 
 class FeatureDriftLoss:
@@ -246,12 +249,42 @@ class FeatureDriftLoss:
         else:
             total_classes = b.num_classes
 
-        total, grads, info = None, {}, {}
+        total, grads, info, order = None, {}, {}, []
+        # the losses that the statistics pass computed already (stats(stacked_losses=True)), for this batch
+        ready = {}
+        if chunk is not None and stats is not None and stats.losses is not None:
+            if not 0 <= chunk < len(stats.losses):
+                raise ValueError(f"chunk: expected an index below {len(stats.losses)} (the batches given to stats), "
+                                 f"got {chunk}")
+            ready = stats.losses[chunk]
+
+        def add_gradient(src: str, grad: Tensor) -> None:
+            # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
+            grads[src] = grads[src].add_(grad) if src in grads else grad.contiguous()
+
         problem_sets = self._problem_sets(leaves, real_sources, b)  # (source, key, L, g, p, n, nw), lazily
         # runs of keys that go in one call: one source and dtype with group_keys, else each key (a unique name) alone
         run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys else (lambda ps: ps[1])
         with torch.set_grad_enabled(need_grad):
             for _, together in itertools.groupby(problem_sets, key=run_of):
+                together = list(together)
+                order += [ps[1] for ps in together]
+                for src, key, num_loc, g, *_ in (ps for ps in together if ps[1] in ready):
+                    losses, grad_of_sum = ready[key]
+                    if losses.shape[0] != g.shape[0]:
+                        raise ValueError(f"chunk {chunk}: the statistics hold {losses.shape[0]} problems of key "
+                                         f"{key!r} for it, got {g.shape[0]}")
+                    denominator = total_classes * num_loc
+                    key_loss = losses.sum() / denominator
+                    if need_grad:  # the key's gradient, from its problems back to the tap
+                        (grad,) = torch.autograd.grad(g, leaves[src], (grad_of_sum / denominator).to(g.dtype))
+                        add_gradient(src, grad)
+                    total = key_loss if total is None else total + key_loss
+                    info[key] = {"loss": key_loss, "scale": stats.keys[key].scale,
+                                 "drift_ms": stats.keys[key].drift_ms}
+                together = [ps for ps in together if ps[1] not in ready]
+                if not together:
+                    continue
                 srcs, keys, locs, g, p, n, nw = zip(*together)
                 src = srcs[0]
                 key_stats = None
@@ -273,8 +306,7 @@ class FeatureDriftLoss:
                               for part, num_loc in zip(losses.split(counts), locs)]
                 if need_grad:
                     (grad,) = torch.autograd.grad(sum(key_losses), leaves[src])
-                    # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
-                    grads[src] = grads[src].add_(grad) if src in grads else grad.contiguous()
+                    add_gradient(src, grad)
                 for i, (key, key_loss) in enumerate(zip(keys, key_losses)):
                     key_loss = key_loss.detach()
                     total = key_loss if total is None else total + key_loss
@@ -282,6 +314,7 @@ class FeatureDriftLoss:
                                                       {name: v[i] for name, v in run_info.items()})}
         if total is None:
             raise ValueError("FeatureDriftLoss: the feature configuration selects no keys")
+        info = {key: info[key] for key in order}  # the keys' order, whichever came from the statistics pass
         if need_grad:
             names = list(grads)
             total = _WithGradients.apply(total, tuple(grads[k] for k in names), *(sources[k] for k in names))
@@ -295,7 +328,7 @@ class FeatureDriftLoss:
     def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None,
               keep_sources: bool = False, group_keys: bool = False,
               fused_min_problems: int | None = None, compiled: bool = False,
-              stack_below: int | None = None) -> FeatureStats:
+              stack_below: int | None = None, stacked_losses: bool = False) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
         Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
@@ -317,6 +350,12 @@ class FeatureDriftLoss:
         makes one call of 64 problems per step instead of 16 calls of 4, each of which would fill 4 of a GPU's
         ~132 SMs. The same statistics to float rounding (the float64 sums are added in another order); memory for
         those calls' problems of every batch until the end of each pass. None: every call per batch.
+        stacked_losses: with stack_below, also the losses of those stacked calls, once the statistics are known: one
+        `drift_loss` call over every batch's problems with its gradient, kept per batch in the returned stats (the
+        size of those keys' generated problems). The loss call of batch k (`chunk=k`) then takes them instead of
+        calling `drift_loss` on them again: it only carries their gradient back through the key to the tap. The same
+        loss and gradient to float rounding, computed at the features of `batches` (the loss call's generated
+        samples must be the same, as for the statistics).
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
@@ -327,6 +366,8 @@ class FeatureDriftLoss:
         if stack_below is not None and (isinstance(stack_below, bool) or not isinstance(stack_below, int)
                                         or stack_below < 1):
             raise ValueError(f"stack_below: expected None or an integer >= 1, got {stack_below!r}")
+        if stacked_losses and stack_below is None:
+            raise ValueError("stacked_losses: needs stack_below (the losses precomputed are those of the stacked calls)")
         # The partial sums run the reference math unless impl="fused" or fused_min_problems asks for the kernel:
         # with the kernel's first fp32 tiles it was the slower path (3.0 s of passes 1-2 per step against 1.9 s).
         # With the fp32 tiles of 32 the profile turned (one 4-class chunk, 86 keys, H200: 98 ms on the kernel, 193
@@ -361,40 +402,60 @@ class FeatureDriftLoss:
         global_scale_sums = dict(zip(keys, packed[:-1].view(len(keys), 2)))
 
         # Pass 2: sum of squared fields per temperature and the number of field entries, at the global scale.
+        held = [] if stacked_losses else None  # pass 2's stacked calls, for their losses below
         square_sums = self._accumulate(
             batches,
             lambda g, p, n, nw, keys, groups: drift.field_square_sums(
                 g, p, n, neg_weight=nw, total_scale_sums=torch.stack([global_scale_sums[k] for k in keys]),
                 groups=groups, impl=impl(g.shape[0]), **options),
-            sources, group_keys, stack_below,
+            sources, group_keys, stack_below, held,
         )
         packed = torch.stack([square_sums[k] for k in keys])  # (K, R + 1)
         if all_reduce is not None:
             packed = all_reduce(packed)
-        return FeatureStats(
-            {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}, num_classes,
-            None if sources is None else tuple(real for _, real in sources),
-        )
+        key_stats = {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}
+        return FeatureStats(key_stats, num_classes, None if sources is None else tuple(real for _, real in sources),
+                            None if held is None else self._stacked_losses(held, key_stats, len(batches)))
+
+    def _stacked_losses(self, held, key_stats: dict[str, DriftStats], num_batches: int):
+        """Per batch, key -> (losses, gradient of their sum) of the stacked calls `held` of pass 2: (keys, batch
+        indices, per key its problem counts per batch, g, p, n, nw, device type) with every batch's problems."""
+        out: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(num_batches)]
+        for keys, batch_ids, counts, g, p, n, nw, device_type in held:
+            stats = [key_stats[k] for k in keys]
+            per_key = [sum(c) for c in counts]
+            leaf = g.detach().requires_grad_()
+            with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+                losses, _ = drift_loss(leaf, p, n, neg_weight=nw, groups=per_key if len(keys) > 1 else None,
+                                       stats=stats[0] if len(keys) == 1 else DriftStats(*map(torch.stack, zip(*stats))),
+                                       **self.drift_options)
+                (grad,) = torch.autograd.grad(losses.sum(), leaf)
+            for key, key_counts, key_losses, key_grad in zip(keys, counts, losses.split(per_key), grad.split(per_key)):
+                for i, batch_losses, batch_grad in zip(batch_ids, key_losses.split(key_counts),
+                                                       key_grad.split(key_counts)):
+                    out[i][key] = (batch_losses.detach(), batch_grad)
+        return tuple(out)
 
     def _batch_sources(self, b: ClassBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The sources of a batch's generated and of its real samples (pos, then neg)."""
         return self._sources(b.gen), self._sources(b.pos if b.neg is None else torch.cat([b.pos, b.neg]))
 
     def _accumulate(self, batches: list[ClassBatch], partial, sources=None, group_keys=False,
-                    stack_below: int | None = None) -> dict[str, Tensor]:
+                    stack_below: int | None = None, keep_held: list | None = None) -> dict[str, Tensor]:
         """Sum partial(gen, pos, neg, neg_weight, keys, groups) per key over the batches (sources: precomputed, or
         None); partial returns one row of sums per key. With group_keys the keys of one source (a tap's location,
         mean, std and window keys all have the tap's channels as their dimension S) go in one call, their problems
         stacked, groups being their problem counts: one call instead of seven per tap, at the memory of one source's
         stacked problems (no gradient is kept here). Otherwise one call per key (groups of one). stack_below: calls
-        of fewer problems are held and made once after the last batch, over every batch's problems (see `stats`)."""
+        of fewer problems are held and made once after the last batch, over every batch's problems (see `stats`);
+        keep_held: a list to which those stacked calls are appended (for `_stacked_losses`)."""
         sums: dict[str, Tensor] = {}
         order: dict[str, None] = {}  # the keys in the order of the problem sets, whichever calls were held
         held: dict[tuple, list[tuple]] = {}  # (keys, shapes) -> each batch's (g, p, n, nw) of those keys
 
-        def add(keys, g, p, n, nw, device_type):
+        def add(keys, counts, g, p, n, nw, device_type):  # g, p, n, nw: the keys' problems stacked
             with torch.autocast(device_type, enabled=False):
-                part = partial(*_stacked(g, p, n, nw), keys, [len(t) for t in g])
+                part = partial(g, p, n, nw, keys, counts)
             for key, row in zip(keys, part):
                 sums[key] = row if key not in sums else sums[key] + row
 
@@ -408,12 +469,16 @@ class FeatureDriftLoss:
                 if stack_below is not None and sum(len(t) for t in g) < stack_below:
                     # batches whose problems have other sample counts are stacked apart (torch.cat needs equal ones)
                     shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in (*g, *p, *n, *nw))
-                    held.setdefault((keys, shapes), []).append((g, p, n, nw, b.gen.device.type))
+                    held.setdefault((keys, shapes), []).append((g, p, n, nw, b.gen.device.type, i))
                     continue
-                add(keys, g, p, n, nw, b.gen.device.type)
+                add(keys, [len(t) for t in g], *_stacked(g, p, n, nw), b.gen.device.type)
         for (keys, _), per_batch in held.items():  # each key's problems batch after batch, then keys as above
-            stacked = [tuple(_cat([batch[j][k] for batch in per_batch]) for k in range(len(keys))) for j in range(4)]
-            add(keys, *stacked, per_batch[0][4])
+            per_key = [tuple(_cat([batch[j][k] for batch in per_batch]) for k in range(len(keys))) for j in range(4)]
+            stacked = _stacked(*per_key)
+            add(keys, [len(t) for t in per_key[0]], *stacked, per_batch[0][4])
+            if keep_held is not None:
+                counts = [[len(batch[0][k]) for batch in per_batch] for k in range(len(keys))]
+                keep_held.append((keys, [batch[5] for batch in per_batch], counts, *stacked, per_batch[0][4]))
         return {key: sums[key] for key in order}
 
 

@@ -227,6 +227,49 @@ def test_stats_stack_batches_of_other_sample_counts_apart():
         torch.testing.assert_close(stacked.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
 
 
+def test_losses_from_the_statistics_pass_equal_the_loss_calls(monkeypatch):
+    # stacked_losses: the stacked calls' losses and gradients come from the statistics pass; each chunk's loss call
+    # takes them (chunk=k) and calls drift_loss only for the other keys: the same loss and gradient
+    from drifting import feature_loss
+    calls = []
+    real = feature_loss.drift_loss
+    monkeypatch.setattr(feature_loss, "drift_loss", lambda g, *a, **k: calls.append(g.shape[0]) or real(g, *a, **k))
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    spans = [(0, 1), (1, 2), (2, 4)]
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in spans]
+
+    def step(group_keys=False, **options):
+        stats = fdl.stats(batches, group_keys=group_keys, **options)
+        calls.clear()
+        leaf, total, infos = gen.clone().requires_grad_(), 0.0, []
+        for k, (lo, hi) in enumerate(spans):
+            loss, info = fdl(leaf[lo * C_G:hi * C_G], *chunk_of(gen, pos, neg, w, lo, hi)[1:], stats=stats, chunk=k,
+                             group_keys=group_keys)
+            loss.backward()
+            total, infos = total + loss.detach(), infos + [info]
+        return total, leaf.grad, infos, len(calls)
+
+    reference = step()
+    for options in [dict(stack_below=8), dict(stack_below=10**9), dict(stack_below=8, group_keys=True),
+                    dict(stack_below=8, keep_sources=True)]:
+        total, grad, infos, num_calls = step(stacked_losses=True, **options)
+        torch.testing.assert_close(total, reference[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, reference[1], rtol=1e-10, atol=1e-15)
+        assert num_calls < reference[3]  # the stacked keys left the loss calls
+        for info, ref_info in zip(infos, reference[2]):
+            assert list(info) == list(ref_info)  # every key reported, in the same order
+            for key, entry in ref_info.items():
+                torch.testing.assert_close(info[key]["loss"], entry["loss"], rtol=1e-12, atol=0, msg=key)
+                torch.testing.assert_close(info[key]["drift_ms"], entry["drift_ms"], rtol=1e-10, atol=0, msg=key)
+    assert step(stacked_losses=True, stack_below=10**9)[3] == 0  # every key from the statistics pass
+    with pytest.raises(ValueError, match="stacked_losses"):
+        fdl.stats(batches, stacked_losses=True)  # without stack_below
+    stats = fdl.stats(batches, stack_below=8, stacked_losses=True)
+    with pytest.raises(ValueError, match="chunk"):
+        fdl(*chunk_of(gen, pos, neg, w, 0, 1), stats=stats, chunk=3)
+
+
 def test_stats_pass_the_loss_options_to_both_passes(monkeypatch):
     # check_finite=False must reach pass 1 too: its check reads a flag back from the GPU, a host sync per key.
     from drifting import drift

@@ -114,6 +114,18 @@ for key, st in fs["reference"].keys.items():
     close(fs["fused"].keys[key].scale, st.scale, 1e-5, f"{key} scale")
     close(fs["fused"].keys[key].drift_ms, st.drift_ms, 1e-4, f"{key} drift_ms")
 assert fs["fused"].num_classes == 3
+
+# the losses of the stacked statistics calls on the kernel (stats(stacked_losses=True)), taken by the chunk calls
+grads = {}
+for impl, options in (("reference", {}), ("fused", dict(stack_below=10**6, stacked_losses=True))):
+    fdl = FeatureDriftLoss(None, FeatureConfig(), impl=impl, **opts)
+    st = fdl.stats(chunks, **options)
+    assert (st.losses is None) == (impl == "reference")
+    leaf = x.clone().requires_grad_()
+    for k, (lo, hi) in enumerate(((0, 4), (4, 12))):
+        fdl(leaf[lo:hi], chunks[k].pos, chunks[k].neg, chunks[k].w, stats=st, chunk=k)[0].backward()
+    grads[impl] = leaf.grad
+close(grads["fused"], grads["reference"], 1e-4, "stacked losses gradient")
 print("ok")
 '''
 

@@ -67,6 +67,10 @@ def test_class_chunks_give_the_same_update_as_one_step(tmp_path):
     stacked = tmp_path / "stacked"  # the statistics calls once over every chunk: the same run to float rounding
     main(with_train(TINY, steps=3, class_chunk=1, stats_stack_below=10**6), stacked, progress=False)
     assert_same_model(final_state(chunked)["model"], final_state(stacked)["model"], exact=False)
+    losses = tmp_path / "losses"  # and their losses in the statistics pass: the same run to float rounding
+    main(with_train(TINY, steps=3, class_chunk=1, stats_stack_below=10**6, stats_stacked_losses=True), losses,
+         progress=False)
+    assert_same_model(final_state(chunked)["model"], final_state(losses)["model"], exact=False)
 
 
 def test_loss_calls_with_a_sources_keys_stacked_give_the_same_run(tmp_path):
@@ -154,6 +158,8 @@ def test_config_errors_name_the_field():
         with_train(TINY, stats_fused_min_problems=0)
     with pytest.raises(ValueError, match="train.stats_stack_below"):
         with_train(TINY, stats_stack_below=0)
+    with pytest.raises(ValueError, match="train.stats_stacked_losses"):
+        with_train(TINY, stats_stacked_losses=True)  # without stats_stack_below
     with pytest.raises(FileNotFoundError):
         main(replace(TINY, data=DataConfig(dataset="mnist", path="/nonexistent/mnist.npz")), "/tmp/unused-run")
 

@@ -143,6 +143,12 @@ class TrainConfig:
     # per problem on a few of the 132 SMs (docs/benchmarks.md, ninth sitting); 128 turns their 16 x 80 calls per
     # pass into 80 of 16x the problems. Not yet timed in the step; None: off.
     stats_stack_below: int | None = None
+    # With stats_stack_below: the losses of those stacked calls too, computed in the statistics pass over every
+    # chunk once the statistics are known (FeatureDriftLoss.stats(stacked_losses=True)); each chunk's loss call then
+    # only carries their gradient back to the taps: 80 of the 86 keys leave the loss phase's 16 x 26 calls (which
+    # spent ~1 ms each on their few problems), for one call per key or tap in the statistics pass. The same loss and
+    # gradient to float rounding; memory for those keys' generated problems. Not yet timed; off by default.
+    stats_stacked_losses: bool = False
     # With class chunks: each chunk's loss call takes a tap's mean and std keys in one drifting-loss call, their
     # problems stacked, each at its own statistics (FeatureDriftLoss(..., group_keys=True)): 26 calls instead of 86
     # for a latent MAE-256, the same loss to float rounding. On an H200 at the ablation size, the loss phase 18%
@@ -223,6 +229,9 @@ class GenConfig:
             raise ValueError(f"train.stats_fused_min_problems: expected None or >= 1, got {t.stats_fused_min_problems}")
         if t.stats_stack_below is not None and t.stats_stack_below < 1:
             raise ValueError(f"train.stats_stack_below: expected None or >= 1, got {t.stats_stack_below}")
+        if t.stats_stacked_losses and t.stats_stack_below is None:
+            raise ValueError("train.stats_stacked_losses: needs train.stats_stack_below (it computes the losses of "
+                             "those stacked calls)")
         if t.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {t.strategy!r}")
         if not all(0 <= d < 1 for d in t.ema_decays):
@@ -452,7 +461,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                     stats = step_loss.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
                                             group_keys=t.stats_group_keys,
                                             fused_min_problems=t.stats_fused_min_problems,
-                                            compiled=t.stats_compiled, stack_below=t.stats_stack_below)
+                                            compiled=t.stats_compiled, stack_below=t.stats_stack_below,
+                                            stacked_losses=t.stats_stacked_losses)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
