@@ -266,13 +266,16 @@ def test_encoder_start_step_trains_on_the_raw_key_first_then_adds_the_encoder(tm
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_steps_never_wait_for_the_gpu(tmp_path):
+@pytest.mark.parametrize("options", [{}, dict(stats_fused_min_problems=1, stats_stack_below=10**6,
+                                              stats_stacked_losses=True)])
+def test_training_steps_never_wait_for_the_gpu(tmp_path, options):
     """Host syncs come with a run's start, its logging, samples and checkpoint, not with each step: after a warm-up
-    run, 6 steps of class chunks make as many syncs as 3 (each run logs, samples and saves once, at its end)."""
+    run, 6 steps of class chunks make as many syncs as 3 (each run logs, samples and saves once, at its end); also
+    with the statistics on the kernel, stacked over the chunks, with their losses."""
     import warnings
 
     def syncs(steps: int) -> int:
-        cfg = with_train(TINY, steps=steps, class_chunk=2, log_every=steps)
+        cfg = with_train(TINY, steps=steps, class_chunk=2, log_every=steps, **options)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
