@@ -55,12 +55,12 @@ def whole(fdl=None, inputs=None):
     return loss.detach(), info, gen.grad
 
 
-def chunked(fdl, gen, pos, neg, w, chunks, all_reduce=None, keep_sources=False):
+def chunked(fdl, gen, pos, neg, w, chunks, all_reduce=None, keep_sources=False, **stats_options):
     """Class chunks with exact statistics and gradient accumulation into gen.grad (keep_sources: the loss calls
-    reuse the real samples' taps of the statistics pass)."""
+    reuse the real samples' taps of the statistics pass; stats_options: more options of `stats`)."""
     gen = gen.detach().clone().requires_grad_()
     stats = fdl.stats([ClassBatch(*chunk_of(gen.detach(), pos, neg, w, lo, hi)) for lo, hi in chunks],
-                      all_reduce=all_reduce, keep_sources=keep_sources)
+                      all_reduce=all_reduce, keep_sources=keep_sources, **stats_options)
     total, infos = 0.0, []
     for k, (lo, hi) in enumerate(chunks):
         loss, info = fdl(*chunk_of(gen, pos, neg, w, lo, hi), stats=stats, chunk=k)
@@ -417,8 +417,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         loss.backward()
         # The same share in class chunks, with statistics from `stats` (one collective per pass).
         total, _, chunk_grad, stats = chunked(fdl, gen, pos, neg, w, RANK_CHUNKS[rank], all_reduce=all_reduce_sum())
+        # And with the small statistics calls stacked over the chunks, their losses from the statistics pass.
+        stacked, _, stacked_grad, _ = chunked(fdl, gen, pos, neg, w, RANK_CHUNKS[rank], all_reduce=all_reduce_sum(),
+                                              stack_below=8, stacked_losses=True)
         torch.save({"loss": loss.detach(), "grad": mine.grad, "info": info, "chunk_loss": total,
-                    "chunk_grad": classes(chunk_grad, C_G, lo, hi), "stats": stats.keys},
+                    "chunk_grad": classes(chunk_grad, C_G, lo, hi), "stats": stats.keys, "stacked_loss": stacked,
+                    "stacked_grad": classes(stacked_grad, C_G, lo, hi)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -430,7 +434,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     spawn(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     loss, info, grad = whole()
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for name in ("", "chunk_"):
+    for name in ("", "chunk_", "stacked_"):
         # Each process returns its share: the shares sum to the whole loss, the gradients are the whole's rows.
         torch.testing.assert_close(sum(p[f"{name}loss"] for p in parts), loss, rtol=1e-12, atol=0)
         torch.testing.assert_close(torch.cat([p[f"{name}grad"] for p in parts]), grad, rtol=1e-9, atol=1e-15)
