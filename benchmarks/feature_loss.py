@@ -13,6 +13,8 @@ statistics, forward and backward, as a class-chunked training step makes them (w
 keys of one dtype in one call: `FeatureDriftLoss(..., group_keys=True)`).
 
     python benchmarks/feature_loss.py --impl auto --classes 16 --iters 1 --stats-chunks 4 --loss-group-keys
+    python benchmarks/feature_loss.py --impl auto --classes 16 --iters 1 --stats-chunks 4 --loss-group-keys \
+        --fused-min-problems 1 --stack-below 128 --stacked-losses   # the small keys once over the chunks
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def main() -> None:
     parser.add_argument("--fused-min-problems", type=int, default=None,
                         help="stats(fused_min_problems=N): calls of at least N problems on the fused kernel")
     parser.add_argument("--compiled-stats", action="store_true", help="stats(compiled=True): the math compiled")
+    parser.add_argument("--stack-below", type=int, default=None,
+                        help="stats(stack_below=N): calls of fewer than N problems per chunk once over all chunks")
+    parser.add_argument("--stacked-losses", action="store_true",
+                        help="stats(stacked_losses=True): those calls' losses in the statistics pass (with "
+                             "--stack-below); the chunks' loss calls take them")
     parser.add_argument("--loss-group-keys", action="store_true",
                         help="the chunks' loss calls with group_keys=True (a source's keys of one dtype together)")
     parser.add_argument("--kernel-variant", type=kernel_variant, default="",
@@ -64,6 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.stats_chunks < 0 or (args.stats_chunks and args.classes % args.stats_chunks):
         parser.error(f"--stats-chunks: expected a divisor of --classes {args.classes}, got {args.stats_chunks}")
+    if args.stack_below is not None and args.stack_below < 1:
+        parser.error(f"--stack-below: expected >= 1, got {args.stack_below}")
+    if args.stacked_losses and (args.stack_below is None or not args.stats_chunks):
+        parser.error("--stacked-losses: needs --stack-below and --stats-chunks")
     cuda = args.device == "cuda"
     encoder = resnet_maes[args.encoder]().to(args.device)
     cfg = encoder.cfg
@@ -99,17 +110,19 @@ def main() -> None:
         with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
             result["stats_ms"], stats = timed_ms(
                 lambda: loss_fn.stats(batches, group_keys=args.group_keys, fused_min_problems=args.fused_min_problems,
-                                      compiled=args.compiled_stats), args.iters, cuda)
+                                      compiled=args.compiled_stats, stack_below=args.stack_below,
+                                      stacked_losses=args.stacked_losses), args.iters, cuda)
         result["stats_chunks"] = args.stats_chunks
         result["group_keys"] = args.group_keys
+        result["stack_below"], result["stacked_losses"] = args.stack_below, args.stacked_losses
         print(f"statistics pass over {args.stats_chunks} chunks of {k} classes: {result['stats_ms']:.0f} ms")
         with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
             def chunk_losses():
                 gen.grad = None
-                for i in range(0, n_c, k):
+                for j, i in enumerate(range(0, n_c, k)):
                     part = gen[i * 64:(i + k) * 64]  # a view of the leaf: the gradients accumulate into gen.grad
                     loss, _ = loss_fn(part, pos[i * 64:(i + k) * 64], neg[i * 16:(i + k) * 16], w[i:i + k],
-                                      stats=stats, group_keys=args.loss_group_keys)
+                                      stats=stats, chunk=j, group_keys=args.loss_group_keys)
                     loss.backward()
 
             result["chunk_losses_ms"], _ = timed_ms(chunk_losses, args.iters, cuda)
