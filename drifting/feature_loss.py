@@ -297,7 +297,7 @@ class FeatureDriftLoss:
                 g, p, n, nw = _stacked(g, p, n, nw)
                 groups = counts if len(keys) > 1 else None
                 if key_stats is not None:
-                    key_stats = key_stats[0] if groups is None else DriftStats(*map(torch.stack, zip(*key_stats)))
+                    key_stats = _stacked_stats(key_stats)
                 # The drift math stays in fp32 when the caller runs the encoder under autocast.
                 with torch.autocast(gen.device.type, enabled=False):
                     losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=key_stats, all_reduce=all_reduce,
@@ -422,13 +422,11 @@ class FeatureDriftLoss:
         indices, per key its problem counts per batch, g, p, n, nw, device type) with every batch's problems."""
         out: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(num_batches)]
         for keys, batch_ids, counts, g, p, n, nw, device_type in held:
-            stats = [key_stats[k] for k in keys]
             per_key = [sum(c) for c in counts]
             leaf = g.detach().requires_grad_()
             with torch.enable_grad(), torch.autocast(device_type, enabled=False):
                 losses, _ = drift_loss(leaf, p, n, neg_weight=nw, groups=per_key if len(keys) > 1 else None,
-                                       stats=stats[0] if len(keys) == 1 else DriftStats(*map(torch.stack, zip(*stats))),
-                                       **self.drift_options)
+                                       stats=_stacked_stats([key_stats[k] for k in keys]), **self.drift_options)
                 (grad,) = torch.autograd.grad(losses.sum(), leaf)
             for key, key_counts, key_losses, key_grad in zip(keys, counts, losses.split(per_key), grad.split(per_key)):
                 for i, batch_losses, batch_grad in zip(batch_ids, key_losses.split(key_counts),
@@ -480,6 +478,11 @@ class FeatureDriftLoss:
                 counts = [[len(batch[0][k]) for batch in per_batch] for k in range(len(keys))]
                 keep_held.append((keys, [batch[5] for batch in per_batch], counts, *stacked, per_batch[0][4]))
         return {key: sums[key] for key in order}
+
+
+def _stacked_stats(stats: list[DriftStats]) -> DriftStats:
+    """One key's statistics, or several keys' stacked field by field (for `drift_loss(groups=...)`)."""
+    return stats[0] if len(stats) == 1 else DriftStats(*map(torch.stack, zip(*stats)))
 
 
 def _cat(tensors: list[Tensor | None]) -> Tensor | None:

@@ -69,6 +69,13 @@ def chunked(fdl, gen, pos, neg, w, chunks, all_reduce=None, keep_sources=False, 
     return total, infos, gen.grad, stats
 
 
+def assert_same_stats(got, expected) -> None:
+    """Every key's statistics equal to float rounding (the float64 sums added in another order)."""
+    for key, s in expected.keys.items():
+        torch.testing.assert_close(got.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
+        torch.testing.assert_close(got.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
+
+
 def test_loss_matches_literal_problem_construction():
     """The problems of every key built by explicit (class, location) indexing, all keys through one autograd graph."""
     encoder = make_encoder()
@@ -198,9 +205,7 @@ def test_stats_stacking_the_small_calls_over_batches_equal_one_call_per_batch(mo
         calls.clear()
         stacked = fdl.stats(batches, stack_below=stack_below, group_keys=group_keys, keep_sources=keep)
         assert list(stacked.keys) == list(per_batch.keys) and stacked.num_classes == N_C  # same keys, same order
-        for key, s in per_batch.keys.items():
-            torch.testing.assert_close(stacked.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
-            torch.testing.assert_close(stacked.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
+        assert_same_stats(stacked, per_batch)
         if stack_below == 10**9:  # everything held: one call per key, over the three batches' problems
             totals = [sum(calls_per_batch[b * num_keys + k][0] for b in range(3)) for k in range(num_keys)]
             assert [n for n, _ in calls] == totals and all(groups == [n] for n, groups in calls)
@@ -222,9 +227,7 @@ def test_stats_stack_batches_of_other_sample_counts_apart():
     few = ClassBatch(gen[:C_G - 1], pos[:C_P], neg[:C_N], w[:1])  # class 0 with one generated sample fewer
     batches = [few, ClassBatch(*chunk_of(gen, pos, neg, w, 1, 4))]
     per_batch, stacked = fdl.stats(batches), fdl.stats(batches, stack_below=10**9)
-    for key, s in per_batch.keys.items():
-        torch.testing.assert_close(stacked.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
-        torch.testing.assert_close(stacked.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
+    assert_same_stats(stacked, per_batch)
 
 
 def test_losses_from_the_statistics_pass_equal_the_loss_calls(monkeypatch):
@@ -299,9 +302,7 @@ def test_stats_with_the_keys_of_each_tap_stacked_equal_one_call_per_key(monkeypa
     assert all(groups == [groups[0]] for groups in calls_per_key)  # one key per call
     assert len(calls) < len(calls_per_key) / 3 and max(len(groups) for groups in calls) == 7  # a tap's 7 keys
     assert list(grouped.keys) == list(per_key.keys) and grouped.num_classes == per_key.num_classes == N_C
-    for key, s in per_key.keys.items():
-        torch.testing.assert_close(grouped.keys[key].scale, s.scale, rtol=1e-12, atol=0, msg=key)
-        torch.testing.assert_close(grouped.keys[key].drift_ms, s.drift_ms, rtol=1e-10, atol=0, msg=key)
+    assert_same_stats(grouped, per_key)
 
 
 def test_loss_calls_with_the_mean_and_std_keys_of_each_tap_stacked_equal_one_call_per_key(monkeypatch):

@@ -113,6 +113,11 @@ def checkpoint_curve(rows: list[dict], last: int) -> dict:
                              "score": float(np.mean(tail))}}
 
 
+def _summary(result: dict) -> dict:
+    """A result without its per-episode lists."""
+    return {k: v for k, v in result.items() if k not in ("max_rewards", "steps")}
+
+
 def cli(argv=None) -> None:
     from drifting.policy.train import load_policy
     from drifting.train.checkpoint import list_checkpoints
@@ -144,7 +149,7 @@ def cli(argv=None) -> None:
         for step, path in found:
             r = score_policy(load_policy(path, map_location=a.device), episodes=a.episodes, max_steps=a.max_steps,
                              sample_seeds=a.sample_seeds, device=a.device)
-            rows.append({"step": step, **{k: v for k, v in r.items() if k not in ("max_rewards", "steps")}})
+            rows.append({"step": step, **_summary(r)})
             print(f"step {step}: score {r['score']:.3f}" + (f", mean over noise seeds "
                   f"{r['score_mean_over_sample_seeds']:.3f}" if a.sample_seeds > 1 else ""), flush=True)
         result = {"checkpoints": rows, **checkpoint_curve(rows, a.last)}
@@ -154,7 +159,7 @@ def cli(argv=None) -> None:
         result = score_policy(policy, episodes=a.episodes, max_steps=a.max_steps, sample_seeds=a.sample_seeds,
                               device=a.device)
         result["latency"] = chunk_latency(policy, device=a.device)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("max_rewards", "steps")}, indent=2))
+        print(json.dumps(_summary(result), indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
