@@ -65,6 +65,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--baseline", help="the JSON of a 1-GPU run: report the scaling efficiency against it")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--profile", help="also profile one step (torch.profiler) and write its table of operators here")
+    p.add_argument("--reference-keys", action="store_true",
+                   help="the taps' statistics keys on the reference reductions, not the fused kernel (the drift math "
+                        "keeps loss.impl): the baseline of the fused keys")
     p.add_argument("--kernel-variant", type=kernel_variant, default="",
                    help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
     return p.parse_args()
@@ -100,6 +103,8 @@ def main() -> None:
     if args.compile:
         train_model = torch.compile(train_model)
     loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder)  # train.compile_encoder=true
+    if args.reference_keys:
+        loss_fn.fused_keys = False
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     # Random "real" samples of the right shape fill the queues (float latents; pixels are stored as uint8).
     pixels = cfg.data.dataset != "latents"
@@ -289,7 +294,8 @@ def main() -> None:
     samples_per_s = t.classes * t.gen_per_class / step_s
     result = {
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
-        "compile": args.compile, "kernel_variant": args.kernel_variant, "classes": t.classes, "class_chunk": chunk,
+        "compile": args.compile, "kernel_variant": args.kernel_variant,
+        "reference_keys": args.reference_keys, "classes": t.classes, "class_chunk": chunk,
         "gen_per_class": t.gen_per_class,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,

@@ -118,6 +118,8 @@ class FeatureDriftLoss:
         self.encoder = taps[0] if taps else None  # the encoder whose patchify gives norm_x
         self.features = features
         self.drift_options = drift_options
+        # a tap's mean and std keys from one kernel (kernels/tap_stats_triton.py) where it runs, unless impl="reference"
+        self.fused_keys = drift_options.get("impl", "auto") != "reference"
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
 
     def compile_encoders(self, **options) -> None:
@@ -149,8 +151,10 @@ class FeatureDriftLoss:
             out.update(named)
         return out
 
-    def _vector_sets(self, sources: dict[str, Tensor]) -> Iterator[tuple[str, str, Tensor]]:
-        """(source name, key, vectors [N, L, S]) for every key, lazily, in the order of `features.feature_sets`."""
+    def _vector_sets(self, sources: dict[str, Tensor], fused: bool = False) -> Iterator[tuple[str, str, Tensor]]:
+        """(source name, key, vectors [N, L, S]) for every key, lazily, in the order of `features.feature_sets`.
+        fused: a tap's statistics keys from the fused kernel where it runs (`features.tap_sets`); they then share
+        one autograd node and must be differentiated together."""
         cfg = self.features
         if cfg.use_global:
             yield SAMPLE, "global", flatten_sample(sources[SAMPLE])
@@ -160,14 +164,16 @@ class FeatureDriftLoss:
             if name.startswith(OWN_KEY):
                 yield name, name[len(OWN_KEY):], fmap
             elif name not in (SAMPLE, INPUT):
-                for key, vectors in tap_sets(name, fmap, cfg.subset):
+                for key, vectors in tap_sets(name, fmap, cfg.subset, fused=fused):
                     yield name, key, vectors
 
-    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch):
+    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch, fused_gen: bool = True):
         """Per key, lazily: (source, key, L, gen [N_c L, C_g, S], pos [N_c L, C_p, S], neg [N_c L, C_n, S] or None,
-        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis."""
+        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis. fused_gen: the
+        generated samples' statistics keys may come from the fused kernel (the real ones do; no gradient)."""
         n_c, n_pos = b.num_classes, b.pos.shape[0]
-        for (src, key, g), (_, real_key, r) in zip(self._vector_sets(gen_sources), self._vector_sets(real_sources)):
+        gen_sets = self._vector_sets(gen_sources, fused=self.fused_keys and fused_gen)
+        for (src, key, g), (_, real_key, r) in zip(gen_sets, self._vector_sets(real_sources, fused=self.fused_keys)):
             assert key == real_key, (key, real_key)  # same encoder, same shapes: same keys in the same order
             num_loc = g.shape[1]
             neg = neg_weight = None
@@ -262,31 +268,36 @@ class FeatureDriftLoss:
             # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
             grads[src] = grads[src].add_(grad) if src in grads else grad.contiguous()
 
-        problem_sets = self._problem_sets(leaves, real_sources, b)  # (source, key, L, g, p, n, nw), lazily
+        # (source, key, L, g, p, n, nw), lazily. A tap's fused statistics keys share one autograd node, so with a
+        # gradient they are fused only where one run (below) takes all of them: with group_keys.
+        problem_sets = self._problem_sets(leaves, real_sources, b, fused_gen=not need_grad or group_keys)
         # runs of keys that go in one call: one source and dtype with group_keys, else each key (a unique name) alone
         run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys else (lambda ps: ps[1])
         with torch.set_grad_enabled(need_grad):
             for _, together in itertools.groupby(problem_sets, key=run_of):
                 together = list(together)
                 order += [ps[1] for ps in together]
-                for src, key, num_loc, g, *_ in (ps for ps in together if ps[1] in ready):
+                src = together[0][0]  # one source per run
+                outputs, output_grads = [], []  # one backward per run, from its keys to the tap
+                for _, key, num_loc, g, *_ in (ps for ps in together if ps[1] in ready):
                     losses, grad_of_sum = ready[key]
                     if losses.shape[0] != g.shape[0]:
                         raise ValueError(f"chunk {chunk}: the statistics hold {losses.shape[0]} problems of key "
                                          f"{key!r} for it, got {g.shape[0]}")
                     denominator = total_classes * num_loc
                     key_loss = losses.sum() / denominator
-                    if need_grad:  # the key's gradient, from its problems back to the tap
-                        (grad,) = torch.autograd.grad(g, leaves[src], (grad_of_sum / denominator).to(g.dtype))
-                        add_gradient(src, grad)
+                    if need_grad:  # the key's gradient with respect to its problems, to carry back to the tap
+                        outputs.append(g)
+                        output_grads.append((grad_of_sum / denominator).to(g.dtype))
                     total = key_loss if total is None else total + key_loss
                     info[key] = {"loss": key_loss, "scale": stats.keys[key].scale,
                                  "drift_ms": stats.keys[key].drift_ms}
                 together = [ps for ps in together if ps[1] not in ready]
                 if not together:
+                    if outputs:
+                        add_gradient(src, torch.autograd.grad(outputs, leaves[src], output_grads)[0])
                     continue
-                srcs, keys, locs, g, p, n, nw = zip(*together)
-                src = srcs[0]
+                _, keys, locs, g, p, n, nw = zip(*together)
                 key_stats = None
                 if stats is not None:
                     missing = [k for k in keys if k not in stats.keys]
@@ -305,8 +316,9 @@ class FeatureDriftLoss:
                 key_losses = [part.sum() / (total_classes * num_loc)
                               for part, num_loc in zip(losses.split(counts), locs)]
                 if need_grad:
-                    (grad,) = torch.autograd.grad(sum(key_losses), leaves[src])
-                    add_gradient(src, grad)
+                    outputs.append(sum(key_losses))
+                    output_grads.append(None)  # a scalar: d/d itself = 1
+                    add_gradient(src, torch.autograd.grad(outputs, leaves[src], output_grads)[0])
                 for i, (key, key_loss) in enumerate(zip(keys, key_losses)):
                     key_loss = key_loss.detach()
                     total = key_loss if total is None else total + key_loss

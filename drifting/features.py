@@ -30,6 +30,8 @@ from typing import Iterator, Literal, Mapping
 import torch
 from torch import Tensor
 
+from drifting.kernels import fused_tap_statistics, use_fused_taps
+
 Subset = Literal["a,b", "a-c", "a-d"]
 InputStat = Literal["rms", "mean_square"]
 
@@ -106,22 +108,31 @@ def spatial_std(fmap: Tensor, window: int | None = None) -> Tensor:
     return _as_sets((f.var(dim=dims, correction=0) + STD_EPS).sqrt())
 
 
-def tap_sets(name: str, fmap: Tensor, subset: Subset = "a-d") -> Iterator[tuple[str, Tensor]]:
+def tap_sets(name: str, fmap: Tensor, subset: Subset = "a-d", fused: bool = False) -> Iterator[tuple[str, Tensor]]:
     """The keys of one tapped map [N, C, h, w], lazily: each is computed when the iterator reaches it.
 
     The statistics keys share one cast of the map to their dtype (a bf16 map is cast once, not six times; the
     cast's autograd node holds no tensors). Otherwise every key has its own autograd graph from fmap, so a consumer
     may differentiate and free one key before computing the next.
+
+    fused: where the fused kernel runs (`kernels.use_fused_taps`: CUDA, a float32/bf16/fp16 map), the statistics
+    keys come from one kernel that reads the map once (`kernels/tap_stats_triton.py`), the same keys to float
+    rounding. They then share one autograd node, which a backward frees: differentiate them together (one
+    `torch.autograd.grad` over all of them), or not at all.
     """
     yield name, location_vectors(fmap)
+    h, w = fmap.shape[-2:]
+    windows = tuple(s for s in PATCH_SIZES[subset] if h % s == 0 and w % s == 0)
+    if fused and use_fused_taps(fmap):
+        names = [f"{name}_mean", f"{name}_std"] + [f"{name}_{stat}_{s}" for s in windows for stat in ("mean", "std")]
+        yield from zip(names, fused_tap_statistics(fmap, windows, STD_EPS))
+        return
     f = fmap.to(_stat_dtype(fmap))  # kept while this tap's keys are computed: one map in the statistics dtype
     yield f"{name}_mean", spatial_mean(f)
     yield f"{name}_std", spatial_std(f)
-    h, w = fmap.shape[-2:]
-    for s in PATCH_SIZES[subset]:
-        if h % s == 0 and w % s == 0:
-            yield f"{name}_mean_{s}", spatial_mean(f, s)
-            yield f"{name}_std_{s}", spatial_std(f, s)
+    for s in windows:
+        yield f"{name}_mean_{s}", spatial_mean(f, s)
+        yield f"{name}_std_{s}", spatial_std(f, s)
 
 
 def input_sets(x: Tensor, x_in: Tensor | None, cfg: FeatureConfig = FeatureConfig()) -> Iterator[tuple[str, Tensor]]:

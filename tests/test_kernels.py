@@ -218,3 +218,30 @@ def test_statistics_and_loss_calls_never_wait_for_the_gpu(impl):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 256, 32, 32), (48, 512, 16, 16), (40, 1024, 8, 8), (40, 2048, 4, 4),
+                                   (6, 33, 14, 14), (5, 7, 7, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_tap_statistics_equal_reference(shape, dtype):
+    """The six statistics keys of a tap and their gradient: the ResNet-MAE maps of the ablation (contiguous and
+    channels-last, as from a channels-last encoder) and odd sizes (windows of 2 only, none)."""
+    from drifting.features import tap_sets
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fmap = (torch.randn(*shape, generator=g, device="cuda") * 2 + 0.5).to(dtype)
+    for x in (fmap, fmap.to(memory_format=torch.channels_last)):
+        res = {}
+        for fused in (False, True):
+            leaf = x.detach().clone().requires_grad_()
+            keys = dict(tap_sets("t", leaf, "a-d", fused=fused))
+            del keys["t"]
+            weights = [torch.randn(v.shape, generator=g, device="cuda") for v in keys.values()] if not res else weights
+            (grad,) = torch.autograd.grad(sum((v * wk).sum() for v, wk in zip(keys.values(), weights)), leaf)
+            res[fused] = (keys, grad)
+        (ref, ref_grad), (got, got_grad) = res[False], res[True]
+        assert list(got) == list(ref) and "TapStatistics" in type(got["t_mean"].grad_fn).__name__
+        for k in ref:
+            assert relative(got[k], ref[k]) < 1e-6, k
+        assert got_grad.dtype == dtype and got_grad.stride() == x.stride()
+        assert relative(got_grad, ref_grad) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

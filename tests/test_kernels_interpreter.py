@@ -136,3 +136,115 @@ def test_fused_passes_equal_reference_under_the_interpreter():
     result = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+TAPS_CHILD = r'''
+import torch
+from torch import nn
+from drifting.feature_loss import ClassBatch, FeatureDriftLoss
+import drifting.features
+from drifting.features import FeatureConfig, tap_sets
+
+calls = []  # the fused kernel's calls (to know that the fused path ran)
+kernel = drifting.features.fused_tap_statistics
+drifting.features.fused_tap_statistics = lambda fmap, *a: calls.append(fmap.requires_grad) or kernel(fmap, *a)
+
+def close(a, b, tol, what):
+    err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    assert err < tol, f"{what}: relative error {err:.3g}"
+
+g = torch.Generator().manual_seed(0)
+# The six statistics keys and their gradient (with weights on all, or on some keys only), fused against reference:
+# maps divisible by 4, by 2 only, by neither; non-square; channels-last and transposed strides; bf16; every subset.
+cases = [((3, 5, 8, 8), torch.float32, "a-d", None), ((2, 3, 6, 6), torch.float32, "a-d", None),
+         ((2, 3, 7, 5), torch.float32, "a-d", None), ((2, 40, 4, 4), torch.float32, "a-d", "channels_last"),
+         ((2, 3, 8, 12), torch.float32, "a-c", "transposed"), ((2, 3, 8, 8), torch.float32, "a,b", None),
+         ((2, 3, 16, 16), torch.float32, "a-d", "some"), ((2, 3, 32, 32), torch.bfloat16, "a-d", None)]
+for shape, dtype, subset, how in cases:
+    x = (torch.randn(*shape, generator=g) * 2 + 0.5).to(dtype)
+    if how == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    if how == "transposed":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    res = {}
+    for fused in (False, True):
+        leaf = x.detach().clone().requires_grad_()
+        keys = dict(tap_sets("t", leaf, subset, fused=fused))
+        del keys["t"]  # the location key is a view either way
+        assert ("TapStatistics" in type(keys["t_mean"].grad_fn).__name__) == fused
+        used = [k for k in keys if how != "some" or k in ("t_mean", "t_std_2", "t_std_4")]
+        weights = [torch.randn(keys[k].shape, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(used)]
+        (grad,) = torch.autograd.grad(sum((keys[k] * wk).sum() for k, wk in zip(used, weights)), leaf)
+        res[fused] = (keys, grad)
+    (ref, ref_grad), (got, got_grad) = res[False], res[True]
+    assert list(got) == list(ref), (list(got), list(ref))
+    for k in ref:
+        assert got[k].shape == ref[k].shape and got[k].dtype == ref[k].dtype == torch.float32, k
+        close(got[k], ref[k], 1e-6, f"{shape} {subset} {how} key {k}")
+    assert got_grad.dtype == dtype and got_grad.stride() == x.stride()
+    # bf16 gradients: the same fp32 sums rounded once to bf16; one rounding step apart where the order differs
+    close(got_grad, ref_grad, 1e-2 if dtype == torch.bfloat16 else 1e-6, f"{shape} {subset} {how} gradient")
+
+# FeatureDriftLoss with fused keys (drift math on the reference) against reference keys: the statistics over two
+# class chunks, then each chunk's loss call, grouped (one backward per tap) or not (the generated samples' keys
+# then stay on the reference: a fused node cannot be differentiated key by key), with and without stacked losses.
+class Taps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    def taps(self, x):
+        a = torch.relu(self.a(x))
+        return {"a": a, "b": torch.tanh(self.b(a))}
+
+torch.manual_seed(0)
+enc = Taps()
+features = FeatureConfig(use_norm_x=False)
+x = torch.randn(3 * 4, 1, 8, 8, generator=g)
+p = torch.randn(3 * 5, 1, 8, 8, generator=g)
+n = torch.randn(3 * 2, 1, 8, 8, generator=g)
+cw = torch.tensor([1.0, 2.0, 0.5])
+chunks = [ClassBatch(x[:4], p[:5], n[:2], cw[:1]), ClassBatch(x[4:], p[5:], n[2:], cw[1:])]
+results = {}
+for fused in (False, True):
+    for group_keys, options in ((False, {}), (True, {}), (True, dict(stack_below=40, stacked_losses=True))):
+        fdl = FeatureDriftLoss(enc, features, impl="reference")
+        fdl.fused_keys = fused
+        calls.clear()
+        st = fdl.stats(chunks, group_keys=group_keys, **options)
+        leaf = x.clone().requires_grad_()
+        total = 0.0
+        for k, (lo, hi) in enumerate(((0, 4), (4, 12))):
+            loss, _ = fdl(leaf[lo:hi], chunks[k].pos, chunks[k].neg, chunks[k].w, stats=st, chunk=k,
+                          group_keys=group_keys)
+            loss.backward()
+            total += loss.item()
+        # fused: every statistics pass and real samples' keys; the generated samples' with gradient only grouped
+        assert bool(calls) == fused and any(calls) == (fused and group_keys), calls
+        results[fused, group_keys, bool(options)] = (st, total, leaf.grad)
+# each against the reference in float64 (float32 itself is ~2e-5 from it here, on either path: the keys' float
+# rounding, ~1e-7, grows in the distances of nearly equal vectors)
+enc64 = Taps().double()
+enc64.load_state_dict(enc.state_dict())
+chunks64 = [ClassBatch(c.gen.double(), c.pos.double(), c.neg.double(), c.w.double()) for c in chunks]
+fdl = FeatureDriftLoss(enc64, features, impl="reference")
+ref_st = fdl.stats(chunks64)
+leaf = x.double().requires_grad_()
+ref_loss = sum(fdl(leaf[lo:hi], chunks64[k].pos, chunks64[k].neg, chunks64[k].w, stats=ref_st, chunk=k)[0]
+               for k, (lo, hi) in enumerate(((0, 4), (4, 12))))
+ref_loss.backward()
+for name, (st, total, grad) in results.items():
+    for key, s in ref_st.keys.items():
+        close(st.keys[key].scale, s.scale, 1e-4, f"{name} {key} scale")
+        close(st.keys[key].drift_ms, s.drift_ms, 1e-4, f"{name} {key} drift_ms")
+    assert abs(total - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), (name, total, ref_loss.item())
+    close(grad, leaf.grad, 5e-5, f"{name} gradient")
+print("ok")
+'''
+
+
+def test_fused_tap_statistics_equal_reference_under_the_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", TAPS_CHILD], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

@@ -1,10 +1,14 @@
-"""Fused GPU implementations of the drifting loss, behind a guarded import.
+"""Fused GPU implementations of the drifting loss and of its feature keys, behind a guarded import.
 
 `drifting.drift.drift_loss(..., impl="auto")` calls the fused Triton kernel for CUDA tensors when Triton is
 installed and the problem fits the kernel (C_g, C_p <= 128, C_n <= 64), and the reference implementation otherwise.
 `impl="fused"` insists (a ValueError says why it cannot run), `impl="reference"` never uses the kernel. The partial
 sums of the statistics over class chunks (`drift.scale_sums`, `drift.field_square_sums`) take the same `impl`: they
 are the kernel's passes 1 and 2.
+
+`features.tap_sets(..., fused=True)` computes a tap's mean and std keys (whole map, 2x2 and 4x4 windows) in one
+Triton kernel (`tap_stats_triton`) where `use_fused_taps` says it runs; `FeatureDriftLoss` asks for it unless its
+impl is "reference".
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import importlib.util
 import os
 
+import torch
 from torch import Tensor
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -71,5 +76,18 @@ def fused_scale_sums(*args, **kwargs):
 
 def fused_square_sums(*args, **kwargs):
     from drifting.kernels.drift_triton import fused_square_sums as fused
+
+    return fused(*args, **kwargs)
+
+
+def use_fused_taps(fmap: Tensor) -> bool:
+    """Whether a tap's statistics keys can take the fused kernel: Triton, a CUDA map (or the interpreter), a map
+    [N, C, h, w] in float32, bfloat16 or float16 (float64 maps, used to check gradients, stay on the reference)."""
+    return (HAS_TRITON and (fmap.is_cuda or _interpreting()) and fmap.dim() == 4 and fmap.numel() > 0
+            and fmap.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def fused_tap_statistics(*args, **kwargs):
+    from drifting.kernels.tap_stats_triton import tap_statistics as fused
 
     return fused(*args, **kwargs)

@@ -1,0 +1,103 @@
+"""Time of a training chunk's statistics keys (every tap's mean and std over the whole map, 2x2 and 4x4 windows):
+the reference reductions (`features.tap_sets`) against the fused kernel (`kernels/tap_stats_triton.py`).
+
+The maps are the MAE encoder's taps of one class chunk at the ablation size (default 4 classes: 256 generated and
+320 real samples of 32x32x4 latents; bf16 as under autocast; random weights, which give the same shapes). Three
+cases, as a chunked step makes them: the keys alone without gradient (the statistics pass and the real samples, per
+call), and the generated samples' keys forward and backward (the loss call; one backward over all keys of a tap).
+
+    python benchmarks/tap_stats.py --out tap_stats.json
+    python benchmarks/tap_stats.py --channels-last       # maps in channels-last memory (a channels-last encoder)
+    python benchmarks/tap_stats.py --device cpu --encoder mae_tiny --classes 1 --iters 1 --impls reference  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from drifting.features import tap_sets
+from drifting.models.resnet_mae import resnet_maes
+
+
+def timed_ms(fn, iters: int, cuda: bool) -> float:
+    fn()  # warm-up: compilation
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / iters
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))
+    p.add_argument("--classes", type=int, default=4, help="classes in the chunk (64 generated, 80 real samples each)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--impls", default="reference,fused", help="comma-separated: reference, fused")
+    p.add_argument("--channels-last", action="store_true", help="the maps in channels-last memory")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    for name, value in (("classes", args.classes), ("iters", args.iters)):
+        if value < 1:
+            p.error(f"--{name}: expected an integer >= 1, got {value}")
+    impls = args.impls.split(",")
+    if not impls or any(i not in ("reference", "fused") for i in impls):
+        p.error(f"--impls: expected a comma-separated list of reference and fused, got {args.impls!r}")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if "fused" in impls and not cuda:
+        p.error("--impls fused: needs --device cuda")
+
+    encoder = resnet_maes[args.encoder]().to(device).eval()
+    cfg = encoder.cfg
+    gen_n, real_n = 64 * args.classes, 80 * args.classes
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        def maps(n):
+            out = encoder.taps(torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, device=device))
+            return [m.to(memory_format=torch.channels_last) if args.channels_last else m for m in out.values()]
+        gen_maps, real_maps = maps(gen_n), maps(real_n)
+    read_gb = sum(m.numel() * m.element_size() for m in gen_maps + real_maps) / 1e9
+
+    def keys_no_grad(fused: bool):
+        with torch.no_grad():
+            for m in gen_maps + real_maps:
+                for _ in tap_sets("t", m, fused=fused):
+                    pass
+
+    weights = {}
+
+    def keys_with_grad(fused: bool):
+        for i, m in enumerate(gen_maps):
+            leaf = m.detach().requires_grad_()
+            keys = [v for k, v in tap_sets("t", leaf, fused=fused) if k != "t"]
+            ws = weights.setdefault(i, [torch.randn_like(v) for v in keys])
+            torch.autograd.grad(sum((v * w).sum() for v, w in zip(keys, ws)), leaf)
+
+    rows = []
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}: {len(gen_maps)} taps of {args.encoder}, {gen_n} generated "
+          f"+ {real_n} real samples, {str(gen_maps[0].dtype)[6:]}{', channels-last' if args.channels_last else ''}; maps {read_gb:.2f} GB")
+    print(f"{'impl':10s} {'no grad, all maps':>18s} {'gen fwd+bwd':>12s}")
+    for impl in impls:
+        fused = impl == "fused"
+        row = {"impl": impl, "no_grad_ms": timed_ms(lambda: keys_no_grad(fused), args.iters, cuda),
+               "gen_fwd_bwd_ms": timed_ms(lambda: keys_with_grad(fused), args.iters, cuda)}
+        rows.append(row)
+        print(f"{impl:10s} {row['no_grad_ms']:15.2f} ms {row['gen_fwd_bwd_ms']:9.2f} ms")
+    if args.out:
+        result = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                  "encoder": args.encoder, "classes": args.classes, "channels_last": args.channels_last,
+                  "map_gb": read_gb, "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
