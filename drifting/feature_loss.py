@@ -382,9 +382,9 @@ class FeatureDriftLoss:
             raise ValueError("stacked_losses: needs stack_below (the losses precomputed are those of the stacked calls)")
         # The partial sums run the reference math unless impl="fused" or fused_min_problems asks for the kernel:
         # with the kernel's first fp32 tiles it was the slower path (3.0 s of passes 1-2 per step against 1.9 s).
-        # With the fp32 tiles of 32 the profile turned (one 4-class chunk, 86 keys, H200: 98 ms on the kernel, 193
-        # compiled, 259 reference; docs/benchmarks.md, ninth sitting); the step with fused_min_problems=1 is not
-        # yet timed, so "auto" still means the reference math here.
+        # With the fp32 tiles of 32 the math alone turned (one 4-class chunk, 86 keys, H200: 98 ms on the kernel, 193
+        # compiled, 259 reference; docs/benchmarks.md, ninth sitting); in the step, fused_min_problems=1 alone did
+        # not move it (the time was in building the keys), so "auto" still means the reference math here.
         asked = self.drift_options.get("impl", "auto")
 
         def impl(problems: int) -> str:

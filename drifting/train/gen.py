@@ -128,10 +128,9 @@ class TrainConfig:
     stats_group_keys: bool = False
     # With class chunks: statistics calls of at least this many problems on the fused kernel (CUDA), smaller ones on
     # the reference math (compiled with stats_compiled); None: all on the reference math. Same statistics to float
-    # rounding. On an H200 at the ablation size, with the fp32 tiles of 32, the 86 keys' statistics math of a 4-class
-    # chunk takes 98 ms with 1 (all on the kernel) against 193 ms compiled (docs/benchmarks.md, ninth sitting): ~1.5 s
-    # per step by that profile, not yet timed in the step. Off by default until it is (with the old tiles, 4096 was
-    # 0.5 s slower per step than the compiled math).
+    # rounding. On an H200 at the ablation size, 1 (all on the kernel) takes the 86 keys' statistics math of a
+    # 4-class chunk from 193 ms compiled to 98 ms (ninth sitting); in the step it gained nothing alone (9.57 s), but
+    # is part of the fastest step measured (6.38 s, with the options below; docs/benchmarks.md, tenth sitting).
     stats_fused_min_problems: int | None = None
     # With class chunks: the statistics' reference math under torch.compile (dynamic shapes; a few compilations at
     # the start). Same statistics to float rounding (which on keys of nearly equal vectors is ~1e-2 in float32 on
@@ -141,13 +140,15 @@ class TrainConfig:
     # 4-64 problems in a chunk of 4 classes) made once per pass over every chunk's problems, not once per chunk. The
     # same statistics to float rounding. On an H200 each of those calls took ~1 ms with 4-64 problems, one program
     # per problem on a few of the 132 SMs (docs/benchmarks.md, ninth sitting); 128 turns their 16 x 80 calls per
-    # pass into 80 of 16x the problems. Not yet timed in the step; None: off.
+    # pass into 80 of 16x the problems. None: off.
     stats_stack_below: int | None = None
     # With stats_stack_below: the losses of those stacked calls too, computed in the statistics pass over every
     # chunk once the statistics are known (FeatureDriftLoss.stats(stacked_losses=True)); each chunk's loss call then
     # only carries their gradient back to the taps: 80 of the 86 keys leave the loss phase's 16 x 26 calls (which
     # spent ~1 ms each on their few problems), for one call per key or tap in the statistics pass. The same loss and
-    # gradient to float rounding; memory for those keys' generated problems. Not yet timed; off by default.
+    # gradient to float rounding; memory for those keys' generated problems (+12 GiB at chunks of 4). With
+    # stats_stack_below=128 and stats_fused_min_problems=1, an H200's ablation step went from 9.57 to 8.75 s
+    # (tenth sitting). Off by default.
     stats_stacked_losses: bool = False
     # With class chunks: each chunk's loss call takes a tap's mean and std keys in one drifting-loss call, their
     # problems stacked, each at its own statistics (FeatureDriftLoss(..., group_keys=True)): 26 calls instead of 86
