@@ -35,7 +35,10 @@ temporaries (bounded by `chunk_size`) exist, and they are freed before the next 
 differentiated with respect to its tap right away (`torch.autograd.grad`), and the returned loss carries the
 accumulated tap gradients into one backward through the encoder. Building every key's graph instead would keep each
 key's fp32 residual for the backward until the end, about 1.6x the generated taps in fp32 (the per-location keys
-are 1x, the 2x2 and 4x4 window statistics 0.6x); the tap gradient buffers are 1x in the taps' dtype. On CPU
+are 1x, the 2x2 and 4x4 window statistics 0.6x); the tap gradient buffers are 1x in the taps' dtype. Where the fused
+statistics keys run (CUDA; `kernels/tap_stats_triton.py`), a tap's six mean and std keys come from one kernel and are
+differentiated together (with `group_keys` anyway): that run's drift graphs, ~0.6x the tap in fp32, live until its
+backward. On CPU
 (width 32, 4 classes of 8/8/2 samples) the peak grows by 160 MiB instead of 236 MiB with a bf16 encoder and 259 MiB
 instead of 289 MiB in fp32.
 """
@@ -51,6 +54,7 @@ from torch import Tensor, nn
 from drifting import drift
 from drifting.drift import AllReduce, DriftStats, drift_loss
 from drifting.features import FeatureConfig, channel_norm, flatten_sample, tap_sets
+from drifting.kernels import fused_taps_run_on
 
 # Names of the two non-tap sources of keys (brackets keep them apart from any tap name).
 SAMPLE, INPUT = "(sample)", "(input)"
@@ -167,13 +171,12 @@ class FeatureDriftLoss:
                 for key, vectors in tap_sets(name, fmap, cfg.subset, fused=fused):
                     yield name, key, vectors
 
-    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch, fused_gen: bool = True):
+    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch):
         """Per key, lazily: (source, key, L, gen [N_c L, C_g, S], pos [N_c L, C_p, S], neg [N_c L, C_n, S] or None,
-        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis. fused_gen: the
-        generated samples' statistics keys may come from the fused kernel (the real ones do; no gradient)."""
+        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis."""
         n_c, n_pos = b.num_classes, b.pos.shape[0]
-        gen_sets = self._vector_sets(gen_sources, fused=self.fused_keys and fused_gen)
-        for (src, key, g), (_, real_key, r) in zip(gen_sets, self._vector_sets(real_sources, fused=self.fused_keys)):
+        sets = (self._vector_sets(sources, fused=self.fused_keys) for sources in (gen_sources, real_sources))
+        for (src, key, g), (_, real_key, r) in zip(*sets):
             assert key == real_key, (key, real_key)  # same encoder, same shapes: same keys in the same order
             num_loc = g.shape[1]
             neg = neg_weight = None
@@ -268,17 +271,19 @@ class FeatureDriftLoss:
             # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
             grads[src] = grads[src].add_(grad) if src in grads else grad.contiguous()
 
-        # (source, key, L, g, p, n, nw), lazily. A tap's fused statistics keys share one autograd node, so with a
-        # gradient they are fused only where one run (below) takes all of them: with group_keys.
-        problem_sets = self._problem_sets(leaves, real_sources, b, fused_gen=not need_grad or group_keys)
-        # runs of keys that go in one call: one source and dtype with group_keys, else each key (a unique name) alone
-        run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys else (lambda ps: ps[1])
+        problem_sets = self._problem_sets(leaves, real_sources, b)  # (source, key, L, g, p, n, nw), lazily
+        # Runs of keys differentiated together, in one backward to their tap: a source's keys of one dtype with
+        # group_keys (which also stacks them into one drift_loss call) or with fused statistics keys (a tap's six
+        # share one autograd node, freed by the first backward through it); otherwise each key alone, its graph
+        # freed before the next key is built.
+        fused = self.fused_keys and fused_taps_run_on(gen.device)
+        run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys or fused else (lambda ps: ps[1])
         with torch.set_grad_enabled(need_grad):
             for _, together in itertools.groupby(problem_sets, key=run_of):
                 together = list(together)
                 order += [ps[1] for ps in together]
                 src = together[0][0]  # one source per run
-                outputs, output_grads = [], []  # one backward per run, from its keys to the tap
+                outputs, output_grads = [], []  # what the run's backward starts from
                 for _, key, num_loc, g, *_ in (ps for ps in together if ps[1] in ready):
                     losses, grad_of_sum = ready[key]
                     if losses.shape[0] != g.shape[0]:
@@ -292,38 +297,34 @@ class FeatureDriftLoss:
                     total = key_loss if total is None else total + key_loss
                     info[key] = {"loss": key_loss, "scale": stats.keys[key].scale,
                                  "drift_ms": stats.keys[key].drift_ms}
-                together = [ps for ps in together if ps[1] not in ready]
-                if not together:
-                    if outputs:
-                        add_gradient(src, torch.autograd.grad(outputs, leaves[src], output_grads)[0])
-                    continue
-                _, keys, locs, g, p, n, nw = zip(*together)
-                key_stats = None
-                if stats is not None:
-                    missing = [k for k in keys if k not in stats.keys]
-                    if missing:
-                        raise KeyError(f"stats: no statistics for feature key {missing[0]!r}")
-                    key_stats = [stats.keys[k] for k in keys]
-                counts = [t.shape[0] for t in g]
-                g, p, n, nw = _stacked(g, p, n, nw)
-                groups = counts if len(keys) > 1 else None
-                if key_stats is not None:
-                    key_stats = _stacked_stats(key_stats)
-                # The drift math stays in fp32 when the caller runs the encoder under autocast.
-                with torch.autocast(gen.device.type, enabled=False):
-                    losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=key_stats, all_reduce=all_reduce,
-                                                  groups=groups, **self.drift_options)  # (sum of N_c L,)
-                key_losses = [part.sum() / (total_classes * num_loc)
-                              for part, num_loc in zip(losses.split(counts), locs)]
-                if need_grad:
-                    outputs.append(sum(key_losses))
-                    output_grads.append(None)  # a scalar: d/d itself = 1
+                rest = [ps for ps in together if ps[1] not in ready]
+                for call in ([rest] if group_keys and rest else [[ps] for ps in rest]):  # drift_loss calls
+                    _, keys, locs, g, p, n, nw = zip(*call)
+                    key_stats = None
+                    if stats is not None:
+                        missing = [k for k in keys if k not in stats.keys]
+                        if missing:
+                            raise KeyError(f"stats: no statistics for feature key {missing[0]!r}")
+                        key_stats = _stacked_stats([stats.keys[k] for k in keys])
+                    counts = [t.shape[0] for t in g]
+                    g, p, n, nw = _stacked(g, p, n, nw)
+                    groups = counts if len(keys) > 1 else None
+                    # The drift math stays in fp32 when the caller runs the encoder under autocast.
+                    with torch.autocast(gen.device.type, enabled=False):
+                        losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=key_stats, all_reduce=all_reduce,
+                                                      groups=groups, **self.drift_options)  # (sum of N_c L,)
+                    key_losses = [part.sum() / (total_classes * num_loc)
+                                  for part, num_loc in zip(losses.split(counts), locs)]
+                    if need_grad:
+                        outputs.append(sum(key_losses))
+                        output_grads.append(None)  # a scalar: d/d itself = 1
+                    for i, (key, key_loss) in enumerate(zip(keys, key_losses)):
+                        key_loss = key_loss.detach()
+                        total = key_loss if total is None else total + key_loss
+                        info[key] = {"loss": key_loss, **(run_info if groups is None else
+                                                          {name: v[i] for name, v in run_info.items()})}
+                if outputs:
                     add_gradient(src, torch.autograd.grad(outputs, leaves[src], output_grads)[0])
-                for i, (key, key_loss) in enumerate(zip(keys, key_losses)):
-                    key_loss = key_loss.detach()
-                    total = key_loss if total is None else total + key_loss
-                    info[key] = {"loss": key_loss, **(run_info if groups is None else
-                                                      {name: v[i] for name, v in run_info.items()})}
         if total is None:
             raise ValueError("FeatureDriftLoss: the feature configuration selects no keys")
         info = {key: info[key] for key in order}  # the keys' order, whichever came from the statistics pass

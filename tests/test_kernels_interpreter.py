@@ -186,8 +186,8 @@ for shape, dtype, subset, how in cases:
     close(got_grad, ref_grad, 1e-2 if dtype == torch.bfloat16 else 1e-6, f"{shape} {subset} {how} gradient")
 
 # FeatureDriftLoss with fused keys (drift math on the reference) against reference keys: the statistics over two
-# class chunks, then each chunk's loss call, grouped (one backward per tap) or not (the generated samples' keys
-# then stay on the reference: a fused node cannot be differentiated key by key), with and without stacked losses.
+# class chunks, then each chunk's loss call, grouped (one drift_loss call per tap and dtype) or not (one per key; a
+# tap's fused keys still differentiated together), with and without stacked losses; and one call without chunks.
 class Taps(nn.Module):
     def __init__(self):
         super().__init__()
@@ -204,7 +204,7 @@ p = torch.randn(3 * 5, 1, 8, 8, generator=g)
 n = torch.randn(3 * 2, 1, 8, 8, generator=g)
 cw = torch.tensor([1.0, 2.0, 0.5])
 chunks = [ClassBatch(x[:4], p[:5], n[:2], cw[:1]), ClassBatch(x[4:], p[5:], n[2:], cw[1:])]
-results = {}
+results, whole = {}, {}
 for fused in (False, True):
     for group_keys, options in ((False, {}), (True, {}), (True, dict(stack_below=40, stacked_losses=True))):
         fdl = FeatureDriftLoss(enc, features, impl="reference")
@@ -218,9 +218,18 @@ for fused in (False, True):
                           group_keys=group_keys)
             loss.backward()
             total += loss.item()
-        # fused: every statistics pass and real samples' keys; the generated samples' with gradient only grouped
-        assert bool(calls) == fused and any(calls) == (fused and group_keys), calls
+        # fused: every key of the statistics passes and of the loss calls, the generated samples' with gradient too
+        assert bool(calls) == fused and any(calls) == fused, calls
         results[fused, group_keys, bool(options)] = (st, total, leaf.grad)
+    # the whole batch in one call (no chunks: the per-process call of multi-GPU training)
+    fdl = FeatureDriftLoss(enc, features, impl="reference")
+    fdl.fused_keys = fused
+    calls.clear()
+    leaf = x.clone().requires_grad_()
+    loss, _ = fdl(leaf, p, n, cw)
+    loss.backward()
+    assert any(calls) == fused, calls
+    whole[fused] = (loss.item(), leaf.grad)
 # each against the reference in float64 (float32 itself is ~2e-5 from it here, on either path: the keys' float
 # rounding, ~1e-7, grows in the distances of nearly equal vectors)
 enc64 = Taps().double()
@@ -238,6 +247,8 @@ for name, (st, total, grad) in results.items():
         close(st.keys[key].drift_ms, s.drift_ms, 1e-4, f"{name} {key} drift_ms")
     assert abs(total - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), (name, total, ref_loss.item())
     close(grad, leaf.grad, 5e-5, f"{name} gradient")
+assert abs(whole[True][0] - whole[False][0]) <= 1e-5 * abs(whole[False][0]), whole
+close(whole[True][1], whole[False][1], 5e-5, "one call: gradient")
 print("ok")
 '''
 

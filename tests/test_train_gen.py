@@ -266,16 +266,20 @@ def test_encoder_start_step_trains_on_the_raw_key_first_then_adds_the_encoder(tm
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("encoder", [None, "mae_tiny"])
 @pytest.mark.parametrize("options", [{}, dict(stats_fused_min_problems=1, stats_stack_below=10**6,
-                                              stats_stacked_losses=True)])
-def test_training_steps_never_wait_for_the_gpu(tmp_path, options):
+                                              stats_stacked_losses=True, loss_group_keys=True)])
+def test_training_steps_never_wait_for_the_gpu(tmp_path, options, encoder):
     """Host syncs come with a run's start, its logging, samples and checkpoint, not with each step: after a warm-up
     run, 6 steps of class chunks make as many syncs as 3 (each run logs, samples and saves once, at its end); also
-    with the statistics on the kernel, stacked over the chunks, with their losses."""
+    with the statistics on the kernel, stacked over the chunks, with their losses, and with an encoder's keys (the
+    fused statistics keys, grouped or not)."""
     import warnings
 
+    base = TINY if encoder is None else replace(TINY, loss=replace(TINY.loss, encoder=encoder, encoder_weights="random"))
+
     def syncs(steps: int) -> int:
-        cfg = with_train(TINY, steps=steps, class_chunk=2, log_every=steps, **options)
+        cfg = with_train(base, steps=steps, class_chunk=2, log_every=steps, **options)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:

@@ -80,10 +80,15 @@ def fused_square_sums(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+def fused_taps_run_on(device: torch.device) -> bool:
+    """Whether the fused statistics keys run on this device: Triton and CUDA (or Triton's interpreter)."""
+    return HAS_TRITON and (device.type == "cuda" or _interpreting())
+
+
 def use_fused_taps(fmap: Tensor) -> bool:
-    """Whether a tap's statistics keys can take the fused kernel: Triton, a CUDA map (or the interpreter), a map
-    [N, C, h, w] in float32, bfloat16 or float16 (float64 maps, used to check gradients, stay on the reference)."""
-    return (HAS_TRITON and (fmap.is_cuda or _interpreting()) and fmap.dim() == 4 and fmap.numel() > 0
+    """Whether a tap's statistics keys can take the fused kernel: where it runs, a map [N, C, h, w] in float32,
+    bfloat16 or float16 (float64 maps, used to check gradients, stay on the reference)."""
+    return (fused_taps_run_on(fmap.device) and fmap.dim() == 4 and fmap.numel() > 0
             and fmap.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
