@@ -2,12 +2,14 @@
 the reference reductions (`features.tap_sets`) against the fused kernel (`kernels/tap_stats_triton.py`).
 
 The maps are the MAE encoder's taps of one class chunk at the ablation size (default 4 classes: 256 generated and
-320 real samples of 32x32x4 latents; bf16 as under autocast; random weights, which give the same shapes). Three
+320 real samples of 32x32x4 latents; random weights, which give the same shapes), in bf16 as FeatureDriftLoss gives
+them under autocast (--fp32: as autocast leaves them, fp32 GroupNorm outputs). Three
 cases, as a chunked step makes them: the keys alone without gradient (the statistics pass and the real samples, per
 call), and the generated samples' keys forward and backward (the loss call; one backward over all keys of a tap).
 
     python benchmarks/tap_stats.py --out tap_stats.json
     python benchmarks/tap_stats.py --channels-last       # maps in channels-last memory (a channels-last encoder)
+    python benchmarks/tap_stats.py --fp32                # fp32 maps
     python benchmarks/tap_stats.py --device cpu --encoder mae_tiny --classes 1 --iters 1 --impls reference  # smoke
 """
 
@@ -43,6 +45,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--impls", default="reference,fused", help="comma-separated: reference, fused")
     p.add_argument("--channels-last", action="store_true", help="the maps in channels-last memory")
+    p.add_argument("--fp32", action="store_true", help="the maps in fp32, as autocast leaves them")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     for name, value in (("classes", args.classes), ("iters", args.iters)):
@@ -62,7 +65,8 @@ def main() -> None:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         def maps(n):
             out = encoder.taps(torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, device=device))
-            return [m.to(memory_format=torch.channels_last) if args.channels_last else m for m in out.values()]
+            out = [m if args.fp32 or not cuda else m.to(torch.bfloat16) for m in out.values()]
+            return [m.to(memory_format=torch.channels_last) if args.channels_last else m for m in out]
         gen_maps, real_maps = maps(gen_n), maps(real_n)
     read_gb = sum(m.numel() * m.element_size() for m in gen_maps + real_maps) / 1e9
 
@@ -94,6 +98,7 @@ def main() -> None:
     if args.out:
         result = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                   "encoder": args.encoder, "classes": args.classes, "channels_last": args.channels_last,
+                  "dtype": str(gen_maps[0].dtype),
                   "map_gb": read_gb, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

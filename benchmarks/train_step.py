@@ -68,6 +68,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--reference-keys", action="store_true",
                    help="the taps' statistics keys on the reference reductions, not the fused kernel (the drift math "
                         "keeps loss.impl): the baseline of the fused keys")
+    p.add_argument("--fp32-taps", action="store_true",
+                   help="the encoder's taps as autocast leaves them (fp32 GroupNorm outputs), not in bf16 (the baseline "
+                        "of FeatureDriftLoss.taps_in_autocast_dtype)")
     p.add_argument("--kernel-variant", type=kernel_variant, default="",
                    help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
     return p.parse_args()
@@ -105,6 +108,8 @@ def main() -> None:
     loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder)  # train.compile_encoder=true
     if args.reference_keys:
         loss_fn.fused_keys = False
+    if args.fp32_taps:
+        loss_fn.taps_in_autocast_dtype = False
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     # Random "real" samples of the right shape fill the queues (float latents; pixels are stored as uint8).
     pixels = cfg.data.dataset != "latents"
@@ -295,7 +300,7 @@ def main() -> None:
     result = {
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
         "compile": args.compile, "kernel_variant": args.kernel_variant,
-        "reference_keys": args.reference_keys, "classes": t.classes, "class_chunk": chunk,
+        "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps, "classes": t.classes, "class_chunk": chunk,
         "gen_per_class": t.gen_per_class,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,

@@ -124,6 +124,8 @@ class FeatureDriftLoss:
         self.drift_options = drift_options
         # a tap's mean and std keys from one kernel (kernels/tap_stats_triton.py) where it runs, unless impl="reference"
         self.fused_keys = drift_options.get("impl", "auto") != "reference"
+        # Under autocast, tap encoders' maps in the autocast dtype (see _sources); False: as the encoder gives them.
+        self.taps_in_autocast_dtype = True
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
 
     def compile_encoders(self, **options) -> None:
@@ -140,7 +142,16 @@ class FeatureDriftLoss:
     # -----------------------------------------------------------------------------------------------------------------
 
     def _sources(self, x: Tensor) -> dict[str, Tensor]:
-        """The tensors the keys are computed from: the sample, the encoder input (for norm_x) and the taps."""
+        """The tensors the keys are computed from: the sample, the encoder input (for norm_x) and the taps.
+
+        Under autocast the taps come in its dtype (bf16), as the authors' bf16 MAE gives its features
+        (official-code-notes.md 1.3: the drift math's inputs "arrive as bf16"): torch's autocast would leave them
+        fp32, because it runs GroupNorm, whose output most taps are, in fp32 on CUDA. That doubled the memory of
+        kept taps, the bytes every key reads, and put the per-location keys on the drift kernel's fp32 path instead
+        of its bf16 tensor-core one. Own-key encoders (ConvNeXt, fp32 in the authors' code) are left as they are."""
+        device_type = x.device.type
+        cast = (torch.get_autocast_dtype(device_type)
+                if self.taps_in_autocast_dtype and torch.is_autocast_enabled(device_type) else None)
         out = {SAMPLE: x}
         if self.encoder is not None and self.features.use_norm_x:
             out[INPUT] = self.encoder.patchify(x)
@@ -149,6 +160,8 @@ class FeatureDriftLoss:
                 named = {OWN_KEY + key: vectors for key, vectors in encoder.feature_sets(x).items()}
             else:
                 named = encoder.taps(x)
+                if cast is not None:
+                    named = {name: t.to(cast) if t.dtype == torch.float32 else t for name, t in named.items()}
             for name in named:
                 if name in out or name in (SAMPLE, INPUT):
                     raise ValueError(f"encoder: two sources are named {name!r}; tap and key names must be unique")

@@ -470,8 +470,9 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
             inputs, p, n, wk = chunk_inputs(k)
             with set_gradient_sync(train_model, k == n_chunks - 1):  # reduce gradients once, after the last chunk
                 x = generate(inputs)
-                # The encoders run under the same autocast as the generator (the authors' MAE runs in bf16; the
-                # ConvNeXt adapter keeps fp32 itself); the drifting math inside the loss is fp32 whatever the keys.
+                # The encoders run under the same autocast as the generator (the authors' MAE runs in bf16, and
+                # FeatureDriftLoss gives its taps in bf16; the ConvNeXt adapter keeps fp32 itself); the drifting math
+                # inside the loss is fp32 whatever the keys.
                 with autocast:
                     loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
                                            chunk=k,  # with stats_keep_features: the real taps of the stats pass
