@@ -130,12 +130,16 @@ print("ok")
 '''
 
 
-def test_fused_passes_equal_reference_under_the_interpreter():
+def run_under_the_interpreter(code: str) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_fused_passes_equal_reference_under_the_interpreter():
+    run_under_the_interpreter(CHILD)
 
 
 TAPS_CHILD = r'''
@@ -254,8 +258,4 @@ print("ok")
 
 
 def test_fused_tap_statistics_equal_reference_under_the_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", TAPS_CHILD], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    run_under_the_interpreter(TAPS_CHILD)

@@ -63,6 +63,26 @@ def _moments(x, mask, H: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _window_outputs(n, c, C, H: tl.constexpr, W: tl.constexpr, G4: tl.constexpr, BLOCK_P: tl.constexpr,
+                    Q: tl.constexpr):
+    """Offsets and masks into the [N, L, C] outputs of the 2x2 windows ([BLOCK_C, BLOCK_P, Q]: window q of tile
+    position p; in the 4x4 layout at row 2i + a, col 2j + e of the window grid) and of the 4x4 windows
+    ([BLOCK_C, BLOCK_P])."""
+    p = tl.arange(0, BLOCK_P)[None, :]
+    c2 = c[:, None]
+    q = tl.arange(0, Q)[None, None, :]
+    if G4:
+        loc2 = (2 * (p[:, :, None] // (W // 4)) + q // 2) * (W // 2) + 2 * (p[:, :, None] % (W // 4)) + q % 2
+    else:
+        loc2 = p[:, :, None] + 0 * q
+    out2 = (n * ((H // 2) * (W // 2)) + loc2) * C + c2[:, :, None]
+    mask2 = (c2[:, :, None] < C) & (loc2 < (H // 2) * (W // 2))
+    out4 = (n * ((H // 4) * (W // 4)) + p) * C + c2
+    mask4 = (c2 < C) & (p < (H // 4) * (W // 4))
+    return out2, mask2, out4, mask4
+
+
+@triton.jit
 def _tap_stats_fwd(x_ptr, m0_ptr, s0_ptr, m2_ptr, s2_ptr, m4_ptr, s4_ptr,
                    s_n, s_c, s_h, s_w, C, eps,
                    H: tl.constexpr, W: tl.constexpr, G2: tl.constexpr, G4: tl.constexpr,
@@ -80,21 +100,11 @@ def _tap_stats_fwd(x_ptr, m0_ptr, s0_ptr, m2_ptr, s2_ptr, m4_ptr, s4_ptr,
     var0 = tl.sum(tl.sum(tl.sum(d0 * d0, axis=3), axis=2), axis=1) / (H * W)
     tl.store(s0_ptr + out0, tl.sqrt_rn(var0 + eps), mask=c < C)
 
-    p = tl.arange(0, BLOCK_P)[None, :]
-    c2 = c[:, None]
-    if STORE2:  # [N, (H/2)(W/2), C]; the 2x2 window (p, q) sits at row 2i + a, col 2j + e of the window grid
-        q = tl.arange(0, Q)[None, None, :]
-        if G4:
-            loc2 = (2 * (p[:, :, None] // (W // 4)) + q // 2) * (W // 2) + 2 * (p[:, :, None] % (W // 4)) + q % 2
-        else:
-            loc2 = p[:, :, None] + 0 * q
-        out2 = (n * ((H // 2) * (W // 2)) + loc2) * C + c2[:, :, None]
-        mask2 = (c2[:, :, None] < C) & (loc2 < (H // 2) * (W // 2))
+    out2, mask2, out4, mask4 = _window_outputs(n, c, C, H, W, G4, BLOCK_P, Q)
+    if STORE2:  # [N, (H/2)(W/2), C]
         tl.store(m2_ptr + out2, mean2, mask=mask2)
         tl.store(s2_ptr + out2, tl.sqrt_rn(tl.sum(d2 * d2, axis=3) / 4 + eps), mask=mask2)
-    if STORE4:  # [N, (H/4)(W/4), C]; the 4x4 window p
-        out4 = (n * ((H // 4) * (W // 4)) + p) * C + c2
-        mask4 = (c2 < C) & (p < (H // 4) * (W // 4))
+    if STORE4:  # [N, (H/4)(W/4), C]
         tl.store(m4_ptr + out4, mean4, mask=mask4)
         tl.store(s4_ptr + out4, tl.sqrt_rn(tl.sum(tl.sum(d4 * d4, axis=3), axis=2) / 16 + eps), mask=mask4)
 
@@ -123,31 +133,17 @@ def _tap_stats_bwd(x_ptr, dx_ptr, gm0_ptr, gs0_ptr, gm2_ptr, gs2_ptr, gm4_ptr, g
         coef0 = tl.load(gs0_ptr + out0, mask=c < C, other=0.0) / ((H * W) * std0)
         dx += coef0[:, None, None, None] * d0
 
-    p = tl.arange(0, BLOCK_P)[None, :]
-    c2 = c[:, None]
-    if HAS_M2 or HAS_S2:
-        q = tl.arange(0, Q)[None, None, :]
-        if G4:
-            loc2 = (2 * (p[:, :, None] // (W // 4)) + q // 2) * (W // 2) + 2 * (p[:, :, None] % (W // 4)) + q % 2
-        else:
-            loc2 = p[:, :, None] + 0 * q
-        out2 = (n * ((H // 2) * (W // 2)) + loc2) * C + c2[:, :, None]
-        mask2 = (c2[:, :, None] < C) & (loc2 < (H // 2) * (W // 2))
-        if HAS_M2:
-            dx += (tl.load(gm2_ptr + out2, mask=mask2, other=0.0) / 4)[:, :, :, None]
-        if HAS_S2:
-            std2 = tl.sqrt_rn(tl.sum(d2 * d2, axis=3) / 4 + eps)
-            coef2 = tl.load(gs2_ptr + out2, mask=mask2, other=0.0) / (4 * std2)
-            dx += coef2[:, :, :, None] * d2
-    if HAS_M4 or HAS_S4:
-        out4 = (n * ((H // 4) * (W // 4)) + p) * C + c2
-        mask4 = (c2 < C) & (p < (H // 4) * (W // 4))
-        if HAS_M4:
-            dx += (tl.load(gm4_ptr + out4, mask=mask4, other=0.0) / 16)[:, :, None, None]
-        if HAS_S4:
-            std4 = tl.sqrt_rn(tl.sum(tl.sum(d4 * d4, axis=3), axis=2) / 16 + eps)
-            coef4 = tl.load(gs4_ptr + out4, mask=mask4, other=0.0) / (16 * std4)
-            dx += coef4[:, :, None, None] * d4
+    out2, mask2, out4, mask4 = _window_outputs(n, c, C, H, W, G4, BLOCK_P, Q)
+    if HAS_M2:
+        dx += (tl.load(gm2_ptr + out2, mask=mask2, other=0.0) / 4)[:, :, :, None]
+    if HAS_S2:
+        std2 = tl.sqrt_rn(tl.sum(d2 * d2, axis=3) / 4 + eps)
+        dx += (tl.load(gs2_ptr + out2, mask=mask2, other=0.0) / (4 * std2))[:, :, :, None] * d2
+    if HAS_M4:
+        dx += (tl.load(gm4_ptr + out4, mask=mask4, other=0.0) / 16)[:, :, None, None]
+    if HAS_S4:
+        std4 = tl.sqrt_rn(tl.sum(tl.sum(d4 * d4, axis=3), axis=2) / 16 + eps)
+        dx += (tl.load(gs4_ptr + out4, mask=mask4, other=0.0) / (16 * std4))[:, :, None, None] * d4
 
     d_offsets, _ = _map_tile(dx_ptr, n, c0, d_n, d_c, d_h, d_w, C, H, W, G2, G4, BLOCK_C, BLOCK_P, Q, R)
     tl.store(dx_ptr + d_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
