@@ -259,3 +259,19 @@ print("ok")
 
 def test_fused_tap_statistics_equal_reference_under_the_interpreter():
     run_under_the_interpreter(TAPS_CHILD)
+
+
+def test_fused_tap_statistics_only_where_the_kernel_takes_the_map(monkeypatch):
+    """The fused keys run on CUDA or under the interpreter, for float32/bf16/fp16 maps of at most 64 x 64 locations;
+    elsewhere (a CPU, float64 maps, larger maps) the reference reductions."""
+    import torch
+
+    from drifting import kernels
+
+    cpu = torch.zeros(2, 3, 8, 8)
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    assert not kernels.use_fused_taps(cpu)
+    monkeypatch.setattr(kernels, "_interpreting", lambda: True)
+    assert kernels.use_fused_taps(cpu) and kernels.use_fused_taps(cpu.bfloat16())
+    assert kernels.use_fused_taps(torch.zeros(1, 1, 64, 64)) and not kernels.use_fused_taps(torch.zeros(1, 1, 64, 65))
+    assert not kernels.use_fused_taps(cpu.double()) and not kernels.use_fused_taps(torch.zeros(0, 3, 8, 8))

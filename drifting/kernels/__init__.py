@@ -85,10 +85,15 @@ def fused_taps_run_on(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or _interpreting())
 
 
+MAX_TAP_LOCATIONS = 64 * 64  # one program holds a channel's whole map in registers: larger maps stay on the reference
+
+
 def use_fused_taps(fmap: Tensor) -> bool:
-    """Whether a tap's statistics keys can take the fused kernel: where it runs, a map [N, C, h, w] in float32,
-    bfloat16 or float16 (float64 maps, used to check gradients, stay on the reference)."""
+    """Whether a tap's statistics keys can take the fused kernel: where it runs, a map [N, C, h, w] of at most
+    64 x 64 locations in float32, bfloat16 or float16 (float64 maps, used to check gradients, stay on the
+    reference). The encoders' taps here are 32 x 32 at most."""
     return (fused_taps_run_on(fmap.device) and fmap.dim() == 4 and fmap.numel() > 0
+            and fmap.shape[-2] * fmap.shape[-1] <= MAX_TAP_LOCATIONS
             and fmap.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
