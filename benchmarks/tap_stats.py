@@ -3,9 +3,9 @@ the reference reductions (`features.tap_sets`) against the fused kernel (`kernel
 
 The maps are the MAE encoder's taps of one class chunk at the ablation size (default 4 classes: 256 generated and
 320 real samples of 32x32x4 latents; random weights, which give the same shapes), in bf16 as FeatureDriftLoss gives
-them under autocast (--fp32: as autocast leaves them, fp32 GroupNorm outputs). Three
-cases, as a chunked step makes them: the keys alone without gradient (the statistics pass and the real samples, per
-call), and the generated samples' keys forward and backward (the loss call; one backward over all keys of a tap).
+them under autocast (--fp32: as autocast leaves them, fp32 GroupNorm outputs). Two cases, as a chunked step makes
+them: every key without gradient (the statistics pass and the real samples), and the generated samples' keys forward
+and backward (the loss call; one backward over all keys of a tap).
 
     python benchmarks/tap_stats.py --out tap_stats.json
     python benchmarks/tap_stats.py --channels-last       # maps in channels-last memory (a channels-last encoder)
@@ -17,24 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from feature_loss import timed_ms  # benchmarks/feature_loss.py: ms per call after a warm-up call
 
 from drifting.features import tap_sets
 from drifting.models.resnet_mae import resnet_maes
-
-
-def timed_ms(fn, iters: int, cuda: bool) -> float:
-    fn()  # warm-up: compilation
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / iters
 
 
 def main() -> None:
@@ -86,20 +74,21 @@ def main() -> None:
             torch.autograd.grad(sum((v * w).sum() for v, w in zip(keys, ws)), leaf)
 
     rows = []
-    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}: {len(gen_maps)} taps of {args.encoder}, {gen_n} generated "
-          f"+ {real_n} real samples, {str(gen_maps[0].dtype)[6:]}{', channels-last' if args.channels_last else ''}; maps {read_gb:.2f} GB")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    dtype = str(gen_maps[0].dtype).removeprefix("torch.")
+    layout = ", channels-last" if args.channels_last else ""
+    print(f"{card}: {len(gen_maps)} taps of {args.encoder}, {gen_n} generated + {real_n} real samples, "
+          f"{dtype}{layout}; maps {read_gb:.2f} GB")
     print(f"{'impl':10s} {'no grad, all maps':>18s} {'gen fwd+bwd':>12s}")
     for impl in impls:
         fused = impl == "fused"
-        row = {"impl": impl, "no_grad_ms": timed_ms(lambda: keys_no_grad(fused), args.iters, cuda),
-               "gen_fwd_bwd_ms": timed_ms(lambda: keys_with_grad(fused), args.iters, cuda)}
+        row = {"impl": impl, "no_grad_ms": timed_ms(lambda: keys_no_grad(fused), args.iters, cuda)[0],
+               "gen_fwd_bwd_ms": timed_ms(lambda: keys_with_grad(fused), args.iters, cuda)[0]}
         rows.append(row)
         print(f"{impl:10s} {row['no_grad_ms']:15.2f} ms {row['gen_fwd_bwd_ms']:9.2f} ms")
     if args.out:
-        result = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                  "encoder": args.encoder, "classes": args.classes, "channels_last": args.channels_last,
-                  "dtype": str(gen_maps[0].dtype),
-                  "map_gb": read_gb, "rows": rows}
+        result = {"card": card, "torch": torch.__version__, "encoder": args.encoder, "classes": args.classes,
+                  "channels_last": args.channels_last, "dtype": dtype, "map_gb": read_gb, "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 

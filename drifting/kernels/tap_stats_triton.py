@@ -167,7 +167,10 @@ class _TapStatistics(torch.autograd.Function):
         store2, store4 = 2 in windows, 4 in windows
         if (store2 and not meta["G2"]) or (store4 and not meta["G4"]):
             raise ValueError(f"windows {windows}: each must divide the map size {h}x{w}")
-        new = lambda locations: torch.empty(n, locations, c, device=fmap.device, dtype=torch.float32)  # noqa: E731
+
+        def new(locations: int) -> Tensor:
+            return torch.empty(n, locations, c, device=fmap.device, dtype=torch.float32)
+
         m0, s0 = new(1), new(1)
         m2, s2 = (new(h * w // 4), new(h * w // 4)) if store2 else (m0, s0)  # unused pointers when not stored
         m4, s4 = (new(h * w // 16), new(h * w // 16)) if store4 else (m0, s0)
