@@ -1,7 +1,12 @@
 """Forward + backward time of a generator preset (bf16 autocast, fp32 parameters), one optimiser-free step.
 
     python benchmarks/generator_step.py --presets DiT-B/2 --batch 256 --out step.json
+    python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile              # the training step's
+    python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile --rope-per-call   # its baseline
     python benchmarks/generator_step.py --presets DiT-tiny --batch 4 --device cpu --iters 1   # smoke test
+
+--rope-per-call builds RoPE's cos/sin tables in every forward, as the DiT did before it kept them in buffers (under
+torch.compile they fuse into the kernels that rotate q and k, which then evaluate cos/sin per element).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-attn-fp32", action="store_true", help="attention in bf16 (the latent SOTA setting)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the generator (as train.compile)")
+    parser.add_argument("--rope-per-call", action="store_true",
+                        help="RoPE tables built in every forward (the baseline of the buffered tables)")
     parser.add_argument("--out")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -35,6 +43,9 @@ def main() -> None:
     for name in args.presets:
         model = build_generator(name, activation_checkpointing=args.checkpointing,
                                 attn_fp32=not args.no_attn_fp32).to(args.device)
+        if args.rope_per_call:
+            model.rope = lambda model=model: model.rope_tables(model.rope_cos.device)
+        run = torch.compile(model) if args.compile else model
         g = torch.Generator(device="cpu").manual_seed(0)
         noise, style = draw_inputs(model, args.batch, generator=g, device=torch.device(args.device))
         labels = torch.randint(0, model.num_classes, (args.batch,), generator=g).to(args.device)
@@ -42,7 +53,7 @@ def main() -> None:
 
         def step():
             model.zero_grad(set_to_none=True)
-            out = model(noise, labels, alpha, style)
+            out = run(noise, labels, alpha, style)
             out.float().square().mean().backward()
 
         for _ in range(args.warmup):
@@ -58,8 +69,8 @@ def main() -> None:
         ms = 1e3 * (time.perf_counter() - t0) / args.iters
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         rows.append({"preset": name, "batch": args.batch, "checkpointing": args.checkpointing,
-                     "attn_fp32": not args.no_attn_fp32, "ms": ms, "samples_per_s": args.batch / ms * 1e3,
-                     "peak_gib": peak})
+                     "attn_fp32": not args.no_attn_fp32, "compile": args.compile, "rope_per_call": args.rope_per_call,
+                     "ms": ms, "samples_per_s": args.batch / ms * 1e3, "peak_gib": peak})
         print(f"{name:<14} {args.batch:>5} {ms:>9.1f} {args.batch / ms * 1e3:>10.0f} {peak:>9.2f}")
     if args.out:
         with open(args.out, "w") as f:

@@ -268,6 +268,28 @@ def test_rope_frequencies_and_positions():
     assert rope_positions_1d(grid=16, prefix=16).squeeze(-1).tolist() == list(range(272))
 
 
+@pytest.mark.parametrize("rope", ["1d", "2d"])
+def test_dit_rope_tables_are_built_once_exact_and_not_saved(rope):
+    """The forward reads fp32 cos/sin buffers equal to the tables computed afresh; they are not in the state dict,
+    survive a meta build + to_empty + reset_parameters, and a cast module computes them afresh in fp32."""
+    model = _perturb(build_generator("DiT-tiny", rope=rope))
+    fresh = model.rope_tables(torch.device("cpu"))
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(model.rope(), fresh))
+    assert not any("rope" in key for key in model.state_dict())
+    noise, labels, style = _inputs(model)
+    per_call = build_generator("DiT-tiny", rope=rope)
+    per_call.load_state_dict(model.state_dict())
+    per_call.rope = lambda: per_call.rope_tables(noise.device)  # the tables of every call built afresh, as before
+    assert torch.equal(model(noise, labels, 2.0, style), per_call(noise, labels, 2.0, style))
+    with torch.device("meta"):
+        meta = build_generator("DiT-tiny", rope=rope)
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(meta.rope(), fresh))
+    cos, sin = model.half().rope()
+    assert cos.dtype == sin.dtype == torch.float32 and torch.equal(cos, fresh[0]) and torch.equal(sin, fresh[1])
+
+
 def test_sincos_pos_embed_and_timestep_embedding_formulas():
     emb = sincos_pos_embed_2d(8, grid=3)  # token (r, c) = (1, 2) is index 5
     omega = 1e4 ** (-torch.arange(2) / 2.0)

@@ -158,6 +158,12 @@ class DiT(nn.Module):
         self.final_norm = RMSNorm(d)
         self.final_adaLN = nn.Linear(d, 2 * d)
         self.final_linear = nn.Linear(d, p * p * c_in)
+        # RoPE's cos and sin, fp32, built once (not saved: they follow from the config). Built inside a compiled
+        # forward, inductor fuses their cos/sin into the kernels that rotate q and k and evaluates them per element
+        # of q and k, B x heads times over: ~0.2 s of the ablation step (docs/benchmarks.md, eleventh sitting).
+        cos, sin = self.rope_tables(torch.device("meta"))
+        self.register_buffer("rope_cos", torch.empty(cos.shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(sin.shape), persistent=False)
         self.reset_parameters()
 
     # The generator interface (see the class docstring).
@@ -193,6 +199,9 @@ class DiT(nn.Module):
             nn.init.normal_(self.context_embed, std=0.02)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid_size))
+            cos, sin = self.rope_tables(self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
         # adaLN-zero: every block starts as the identity, and the zero head makes the output exactly 0.
         for layer in [block.adaLN_modulation for block in self.blocks] + [self.final_adaLN, self.final_linear]:
             nn.init.zeros_(layer.weight)
@@ -212,11 +221,17 @@ class DiT(nn.Module):
         x = x.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return x.reshape(b, ch, g * p, g * p)
 
-    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin [L_total, A, head_dim / A] for the configured RoPE (computed per call: cheap, and never cast)."""
+    def rope_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin [L_total, A, head_dim / A] fp32 for the configured RoPE, computed on `device`."""
         positions = (rope_positions_1d if self.cfg.rope == "1d" else rope_positions_2d)(
             self.cfg.grid_size, self.cfg.in_context_tokens, device=device)
         return rope_cos_sin(positions, self.cfg.head_dim, ROPE_BASE)
+
+    def rope(self) -> tuple[Tensor, Tensor]:
+        """The RoPE tables of `forward`: the fp32 buffers, or computed afresh if the module was cast (`model.half()`)."""
+        if self.rope_cos.dtype != torch.float32:
+            return self.rope_tables(self.rope_cos.device)
+        return self.rope_cos, self.rope_sin
 
     def forward(self, noise: Tensor, labels: Tensor, alpha: Tensor | float, style: Tensor | None = None) -> Tensor:
         """x = f(noise, labels, alpha, style).
@@ -248,7 +263,7 @@ class DiT(nn.Module):
             if self.cfg.in_context_tokens:
                 context = self.context_proj(c)[:, None] + self.context_embed  # (B, 1, D) + (T, D) -> (B, T, D)
                 x = torch.cat([context.to(compute_dtype), x], dim=1)  # (B, T + L, D)
-            rope = self.rope(noise.device)
+            rope = self.rope()
             for block in self.blocks:
                 if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                     x = checkpoint(block, x, c, rope, use_reentrant=False)
