@@ -14,8 +14,9 @@ statistics first, exactly as the trainer does.
 Two measurements:
 - whole steps, no synchronisation inside: ms per step and samples/s (generated samples, all processes);
 - the same steps with a CUDA synchronisation between phases, for the split: data (queue push and draws), generator
-  forward, encoders forward (timed alone on the same inputs), drifting loss (the loss call minus the encoders'
-  forward), backward (encoder and generator), optimiser (clip, AdamW, EMA).
+  forward, encoders forward (the loss call's, timed alone on inputs of the same shapes: the generated samples, and
+  the real ones unless train.stats_keep_features had the statistics pass encode them), drifting loss (the loss call
+  minus the encoders' forward), backward (encoder and generator), optimiser (clip, AdamW, EMA).
 MFU counts, as issue 10 asks: generator forward + backward, encoder forward on the real samples, encoder forward +
 backward on the generated samples (torch.utils.flop_counter, matmuls and convolutions), against the card's dense bf16
 peak (H100/H200 SXM: 989 TFLOP/s; --peak-tflops for other cards).
@@ -223,7 +224,10 @@ def main() -> None:
     for i in range(args.iters):
         step(10_000 + i, times)
     split = {k: v / args.iters for k, v in times.items()}
-    # The encoders' forward on the same inputs as one chunk's loss call, alone.
+    # The encoders' forward that one chunk's loss call runs, alone, on inputs of the same shapes: the generated
+    # samples', and the real samples' unless the statistics pass kept their taps (stats_keep_features with more than
+    # one chunk: the loss call then reads them).
+    real_in_loss_call = not (t.stats_keep_features and local // chunk > 1)
     inputs_real = torch.randn(chunk * (t.pos_per_class + t.uncond_per_class), *shape, device=device)
     inputs_gen = torch.randn(chunk * t.gen_per_class, *shape, device=device, requires_grad=True)
 
@@ -238,8 +242,9 @@ def main() -> None:
         for i in range(args.iters + 1):
             sync()
             t1 = time.perf_counter()
-            with torch.no_grad(), autocast:
-                encoders_forward(inputs_real)
+            if real_in_loss_call:
+                with torch.no_grad(), autocast:
+                    encoders_forward(inputs_real)
             with autocast:
                 encoders_forward(inputs_gen)
             sync()
@@ -301,7 +306,7 @@ def main() -> None:
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
         "compile": args.compile, "kernel_variant": args.kernel_variant,
         "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps, "classes": t.classes, "class_chunk": chunk,
-        "gen_per_class": t.gen_per_class,
+        "gen_per_class": t.gen_per_class, "real_encoded_in_loss_call": real_in_loss_call,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,
         "split_ms": {k: 1e3 * v for k, v in split.items()},

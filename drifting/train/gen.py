@@ -130,7 +130,7 @@ class TrainConfig:
     # the reference math (compiled with stats_compiled); None: all on the reference math. Same statistics to float
     # rounding. On an H200 at the ablation size, 1 (all on the kernel) takes the 86 keys' statistics math of a
     # 4-class chunk from 193 ms compiled to 98 ms (ninth sitting); in the step it gained nothing alone (9.57 s), but
-    # is part of the fastest step measured (6.38 s, with the options below; docs/benchmarks.md, tenth sitting).
+    # is part of the fastest step measured (5.54 s, with the options below; docs/benchmarks.md, eleventh sitting).
     stats_fused_min_problems: int | None = None
     # With class chunks: the statistics' reference math under torch.compile (dynamic shapes; a few compilations at
     # the start). Same statistics to float rounding (which on keys of nearly equal vectors is ~1e-2 in float32 on
