@@ -72,6 +72,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fp32-taps", action="store_true",
                    help="the encoder's taps as autocast leaves them (fp32 GroupNorm outputs), not in bf16 (the baseline "
                         "of FeatureDriftLoss.taps_in_autocast_dtype)")
+    p.add_argument("--rope-per-call", action="store_true",
+                   help="the DiT's RoPE tables built in every forward, not read from its buffers (the baseline of "
+                        "the buffered tables)")
     p.add_argument("--kernel-variant", type=kernel_variant, default="",
                    help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
     return p.parse_args()
@@ -102,6 +105,10 @@ def main() -> None:
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, num_classes, shape).to(device)
+    if args.rope_per_call:
+        if not hasattr(model, "rope_tables"):
+            raise SystemExit(f"--rope-per-call: the generator {cfg.model.generator} has no RoPE tables")
+        model.rope = lambda: model.rope_tables(model.rope_cos.device)
     ema = ema_copy(model)
     train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
     if args.compile:
@@ -305,7 +312,8 @@ def main() -> None:
     result = {
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
         "compile": args.compile, "kernel_variant": args.kernel_variant,
-        "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps, "classes": t.classes, "class_chunk": chunk,
+        "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps,
+        "rope_per_call": args.rope_per_call, "classes": t.classes, "class_chunk": chunk,
         "gen_per_class": t.gen_per_class, "real_encoded_in_loss_call": real_in_loss_call,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,
