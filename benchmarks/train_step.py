@@ -75,6 +75,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rope-per-call", action="store_true",
                    help="the DiT's RoPE tables built in every forward, not read from its buffers (the baseline of "
                         "the buffered tables)")
+    p.add_argument("--encoder-channels-last", action="store_true",
+                   help="the tap encoders' weights (and so their convolutions' outputs) in channels-last memory: no "
+                        "NCHW <-> NHWC conversions around cuDNN's bf16 convolutions, and taps whose per-location "
+                        "vectors are contiguous")
     p.add_argument("--kernel-variant", type=kernel_variant, default="",
                    help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
     return p.parse_args()
@@ -116,6 +120,9 @@ def main() -> None:
     loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder)  # train.compile_encoder=true
     if args.reference_keys:
         loss_fn.fused_keys = False
+    if args.encoder_channels_last:
+        for encoder in loss_fn.encoders:
+            encoder.to(memory_format=torch.channels_last)
     if args.fp32_taps:
         loss_fn.taps_in_autocast_dtype = False
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -313,7 +320,7 @@ def main() -> None:
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
         "compile": args.compile, "kernel_variant": args.kernel_variant,
         "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps,
-        "rope_per_call": args.rope_per_call, "classes": t.classes, "class_chunk": chunk,
+        "rope_per_call": args.rope_per_call, "encoder_channels_last": args.encoder_channels_last, "classes": t.classes, "class_chunk": chunk,
         "gen_per_class": t.gen_per_class, "real_encoded_in_loss_call": real_in_loss_call,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,
