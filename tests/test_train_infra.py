@@ -364,6 +364,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.manual_seed(0)
         model = wrap_model(Tiny().double(), strategy="ddp", device=device)
         out["ddp_type"] = type(model).__name__
+        out["ddp_broadcasts_buffers"] = model.broadcast_buffers  # constant buffers: no collective per forward
         out["ddp"] = {n: g.clone() for n, g in _grads(model, _batch(rank)).items()}
         ema = ema_copy(model)  # looks through the DDP wrapper
         ema_update(ema, model, 0.0)
@@ -397,7 +398,7 @@ def test_two_gloo_processes_average_gradients(tmp_path):
     for r, part in enumerate(parts):
         assert (part["rank"], part["world"], part["device"]) == (r, 2, "cpu")
         assert part["sum"].item() == 3.0
-        assert part["ddp_type"] == "DistributedDataParallel"
+        assert part["ddp_type"] == "DistributedDataParallel" and part["ddp_broadcasts_buffers"] is False
         for name, g0 in per_rank[0].items():
             expected = (g0 + per_rank[1][name]) / 2
             torch.testing.assert_close(part["ddp"][name], expected, rtol=1e-12, atol=1e-15)

@@ -59,10 +59,14 @@ def wrap_model(
     if strategy == "ddp":
         # find_unused_parameters=False: every parameter gets a gradient each step, and the unused-parameter search
         # costs a graph traversal per step. A model that breaks this fails loudly in DDP's reducer, not silently.
+        # broadcast_buffers=False: the buffers of the models trained here are constants built from the config (the
+        # DiT's RoPE tables, the policy's noise schedule), equal on every rank after DDP's initial sync; broadcasting
+        # them from rank 0 before every forward would add a collective, and a wait for rank 0, to each forward.
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False,
+            broadcast_buffers=False,
         )
     return _fully_shard(model, device, mixed_precision, blocks_attr)
 
