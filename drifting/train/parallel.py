@@ -60,8 +60,9 @@ def wrap_model(
         # find_unused_parameters=False: every parameter gets a gradient each step, and the unused-parameter search
         # costs a graph traversal per step. A model that breaks this fails loudly in DDP's reducer, not silently.
         # broadcast_buffers=False: the buffers of the models trained here are constants built from the config (the
-        # DiT's RoPE tables, the policy's noise schedule), equal on every rank after DDP's initial sync; broadcasting
-        # them from rank 0 before every forward would add a collective, and a wait for rank 0, to each forward.
+        # DiT's RoPE tables), equal on every rank after DDP's initial sync; broadcasting them from rank 0 before
+        # every forward would add a collective, and a wait for rank 0, to each forward. (A model with running
+        # statistics, e.g. BatchNorm, would keep one set per rank.)
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
