@@ -10,6 +10,7 @@ the code is what an H100/H200 runs there. With --dtype fp32, as at the window me
     python benchmarks/kernel_resources.py                     # sm_90, 4 warps, 2 stages, S tiles of 64
     python benchmarks/kernel_resources.py --warps 8 --arch 90
     python benchmarks/kernel_resources.py --dtype fp32 --fp32-dot tf32x3
+    python benchmarks/kernel_resources.py --maxnreg 168             # registers capped (VARIANT["maxnreg"])
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ PASSES = {  # label -> kernel constexprs that differ from pass 1's
 
 
 def compile_pass(arch: int = 90, num_warps: int = 4, num_stages: int = 2, block_s: int = 64, dtype: str = "bf16",
-                 fp32_dot: str | None = None, **constexprs):
+                 fp32_dot: str | None = None, maxnreg: int = 0, **constexprs):
     """The compiled kernel (triton.compile) of one pass for cuda sm_<arch>, specialised as at the 32x32 key, with
-    inputs (and gradient) of `dtype` ("bf16" or "fp32")."""
+    inputs (and gradient) of `dtype` ("bf16" or "fp32"); maxnreg: a cap on registers per thread (0: none)."""
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype: expected 'bf16' or 'fp32', got {dtype!r}")
     fn = drift_triton._drift_kernel
@@ -57,8 +58,8 @@ def compile_pass(arch: int = 90, num_warps: int = 4, num_stages: int = 2, block_
                                                               "S")]
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resource_usage(kernel) -> str:
@@ -83,13 +84,16 @@ def main() -> None:
     parser.add_argument("--block-s", type=int, default=64)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the inputs' dtype")
     parser.add_argument("--fp32-dot", choices=("ieee", "tf32x3"), help="fp32 products (default: the kernel's VARIANT)")
+    parser.add_argument("--maxnreg", type=int, default=0, choices=drift_triton.MAXNREG_CHOICES,
+                        help="a cap on registers per thread (VARIANT['maxnreg']; 0: the compiler's choice)")
     args = parser.parse_args()
     dot = f", fp32 products {args.fp32_dot or drift_triton.VARIANT['fp32_dot']}" if args.dtype == "fp32" else ""
+    cap = f", at most {args.maxnreg} registers" if args.maxnreg else ""
     print(f"sm_{args.arch}, {args.warps} warps, {args.stages} stages, S tiles of {args.block_s}, {args.dtype} inputs"
-          f"{dot}; Triton {triton.__version__}")
+          f"{dot}{cap}; Triton {triton.__version__}")
     for label, constexprs in PASSES.items():
         kernel = compile_pass(args.arch, args.warps, args.stages, args.block_s, args.dtype, args.fp32_dot,
-                              **constexprs)
+                              args.maxnreg, **constexprs)
         print(f"{label:<46} {resource_usage(kernel)}")
         print(f"{'':<46} {ptx_counts(kernel)}", flush=True)
 

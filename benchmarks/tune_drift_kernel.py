@@ -6,6 +6,7 @@ relative error of loss, gradient and statistics against the reference on the fir
 inputs as timed, and the same problems in fp32).
 
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants recompute,share,share_nosplit2
+    python benchmarks/tune_drift_kernel.py --key 32x32 --variants share,share_maxnreg168,share_maxnreg128
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants share --block-s 32,64 --warps 4,8 --stages 1,2
     python benchmarks/tune_drift_kernel.py --key 16x16 --dtype fp32 --variants share,share_tf32x3 --block-s 16,32,64
 
@@ -34,6 +35,9 @@ VARIANTS = {
     "share_nosplit2": dict(share_norm=True, split2=False),
     # fp32 inputs: products on the tensor cores as three TF32 products each, instead of FMAs
     "share_tf32x3": dict(share_norm=True, split2=True, fp32_dot="tf32x3"),
+    # registers capped for occupancy (three / four programs of 4 warps per SM instead of two), at the cost of spills
+    "share_maxnreg168": dict(share_norm=True, split2=True, maxnreg=168),
+    "share_maxnreg128": dict(share_norm=True, split2=True, maxnreg=128),
 }
 DEFAULT_VARIANT = dict(drift_triton.VARIANT)
 OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,

@@ -61,12 +61,33 @@ def test_set_variant_checks_every_item_before_applying_any(monkeypatch):
     before = dict(drift_triton.VARIANT)
     for bad, message in [("fp32_dot=tf32x3,nope=1", "name in"), ("fp32_dot=tf32", "'ieee' or 'tf32x3'"),
                          ("split2=maybe", "true or false"), ("fp32_block_s=48", "tile width"),
-                         ("split2", "name=value")]:
+                         ("split2", "name=value"), ("maxnreg=100", "registers per thread")]:
         with pytest.raises(ValueError, match=message):
             drift_triton.set_variant(bad)
         assert drift_triton.VARIANT == before
-    new = drift_triton.set_variant("fp32_dot=tf32x3, fp32_block_s=16,split2=false")
-    assert new == {**before, "fp32_dot": "tf32x3", "fp32_block_s": 16, "split2": False}
+    new = drift_triton.set_variant("fp32_dot=tf32x3, fp32_block_s=16,split2=false,maxnreg=168")
+    assert new == {**before, "fp32_dot": "tf32x3", "fp32_block_s": 16, "split2": False, "maxnreg": 168}
+
+
+def test_a_register_cap_reaches_the_compiler_and_the_launch(monkeypatch):
+    """VARIANT["maxnreg"] is a launch option of every pass (not under the interpreter), and compiled for sm_90 it
+    holds pass 3, which otherwise takes all 255 registers."""
+    import torch
+
+    from drifting.kernels import drift_triton
+
+    tools, capped = _compile(PASS=3, WRITE_GRAD=True, maxnreg=168)
+    _, free = _compile(PASS=3, WRITE_GRAD=True)
+    registers = lambda kernel: int(tools.resource_usage(kernel).split("REG:")[1].split()[0])  # noqa: E731
+    assert registers(capped) <= 168 < registers(free)
+    monkeypatch.setattr(drift_triton, "_INTERPRET", False)
+    monkeypatch.setitem(drift_triton.VARIANT, "maxnreg", 168)
+    gen, pos = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    options = dict(temperatures=(0.05,), gen_weight=None, pos_weight=None, neg_weight=None, normalize="xy",
+                   affinity_floor=0.0, self_mask=0.0, attraction=1.0, repulsion=1.0)
+    assert drift_triton._Kernel(gen, pos, None, **options).common["maxnreg"] == 168
+    monkeypatch.setitem(drift_triton.VARIANT, "maxnreg", 0)
+    assert "maxnreg" not in drift_triton._Kernel(gen, pos, None, **options).common
 
 
 def test_benchmarks_kernel_variant_option_applies_or_is_a_usage_error(monkeypatch):

@@ -52,7 +52,12 @@ NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # (`benchmarks/kernel_resources.py --dtype fp32 --block-s 32`; docs/benchmarks.md, sixth sitting). Timed on an H200
 # (seventh sitting), a chunk's 86 loss calls in training dtypes: 352 ms at tiles of 64, 144 at 32, 102 with tf32x3,
 # which stays opt-in: its statistic `scale` is off by ~2e-5 where the norm expansion cancels (S = 1).
-VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32)
+# maxnreg = a cap on registers per thread (0: the compiler's choice, 255 here). Every pass but the first uses all
+# 255, so an SM holds two programs of 4 warps; a cap of 168 (three) or 128 (four) trades occupancy for spills
+# (compiled for sm_90 at the 32x32 key: 255 registers spill 64-256 bytes per thread in passes 2-3, 168 spill
+# 416-704, 128 spill 592-1,008; `python benchmarks/kernel_resources.py --maxnreg N`). Not yet timed: opt-in.
+VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0)
+MAXNREG_CHOICES = (0, 128, 168, 192, 224)
 
 
 def set_variant(text: str) -> dict:
@@ -68,6 +73,11 @@ def set_variant(text: str) -> dict:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"kernel variant {name}: expected true or false, got {value!r}")
             new[name] = value.lower() in ("true", "1")
+        elif name == "maxnreg":
+            if not value.isdigit() or int(value) not in MAXNREG_CHOICES:
+                raise ValueError(f"kernel variant maxnreg: expected one of {MAXNREG_CHOICES} registers per thread "
+                                 f"(0: the compiler's choice), got {value!r}")
+            new[name] = int(value)
         elif isinstance(old, int):
             if not value.isdigit() or int(value) not in (16, 32, 64, 128):
                 raise ValueError(f"kernel variant {name}: expected a tile width of 16, 32, 64 or 128, got {value!r}")
@@ -430,6 +440,8 @@ class _Kernel:
             IEEE=ieee, UPCAST=_INTERPRET, F32DOT=VARIANT["fp32_dot"], num_warps=warps, num_stages=stages,
             UNROLL_R=unroll_r, SPLIT2=VARIANT["split2"],
         )
+        if VARIANT["maxnreg"] and not _INTERPRET:  # a compile option of the CUDA backend (the interpreter has none)
+            self.common["maxnreg"] = VARIANT["maxnreg"]
         self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
 
