@@ -99,7 +99,10 @@ def test_fused_with_capped_registers_equals_reference(maxnreg, monkeypatch):
         loss_r, grad_r, info_r = run("reference", gen.float(), pos.float(), neg.float(), w)
         loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)
         assert relative(loss_f, loss_r) < 1e-4 and relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
-        assert relative(grad_f, grad_r) < (1e-4 if dtype == torch.float32 else 1e-2)  # bf16: one rounding
+        if dtype == torch.float32:
+            assert relative(grad_f, grad_r) < 1e-4
+        else:  # the bf16 gradient is rounded once, as in test_fused_equals_reference_bf16
+            torch.testing.assert_close(grad_f.float(), grad_r, rtol=8e-3, atol=1e-3 * grad_r.abs().max().item())
 
 
 @pytest.mark.parametrize(
