@@ -135,7 +135,19 @@ class FeatureDriftLoss:
         gradient, real ones and the statistics pass without). options: passed to torch.compile."""
         for encoder in self.encoders:
             if hasattr(encoder, "taps") and not hasattr(encoder, "feature_sets"):
-                encoder.taps = torch.compile(encoder.taps, **options)  # an instance attribute over the method
+                # An instance attribute over the method. The cast of _sources (the taps in the autocast dtype) runs
+                # inside the compiled region, fused into the kernels that make the maps: they write bf16 once,
+                # not fp32 and then a bf16 copy of it.
+                encoder.taps = torch.compile(lambda x, taps=encoder.taps: self._in_tap_dtype(taps(x), x.device.type),
+                                             **options)
+
+    def _in_tap_dtype(self, named: dict[str, Tensor], device_type: str) -> dict[str, Tensor]:
+        """A tap encoder's fp32 maps in the autocast dtype under autocast (see _sources), unless
+        taps_in_autocast_dtype is off; other maps as they are."""
+        if not (self.taps_in_autocast_dtype and torch.is_autocast_enabled(device_type)):
+            return named
+        dtype = torch.get_autocast_dtype(device_type)
+        return {name: t.to(dtype) if t.dtype == torch.float32 else t for name, t in named.items()}
 
     # -----------------------------------------------------------------------------------------------------------------
     # Features -> problems
@@ -149,9 +161,6 @@ class FeatureDriftLoss:
         fp32, because it runs GroupNorm, whose output most taps are, in fp32 on CUDA. That doubled the memory of
         kept taps, the bytes every key reads, and put the per-location keys on the drift kernel's fp32 path instead
         of its bf16 tensor-core one. Own-key encoders (ConvNeXt, fp32 in the authors' code) are left as they are."""
-        device_type = x.device.type
-        cast = (torch.get_autocast_dtype(device_type)
-                if self.taps_in_autocast_dtype and torch.is_autocast_enabled(device_type) else None)
         out = {SAMPLE: x}
         if self.encoder is not None and self.features.use_norm_x:
             out[INPUT] = self.encoder.patchify(x)
@@ -159,9 +168,7 @@ class FeatureDriftLoss:
             if hasattr(encoder, "feature_sets"):  # ready-made vector sets [N, L, S], one source per key
                 named = {OWN_KEY + key: vectors for key, vectors in encoder.feature_sets(x).items()}
             else:
-                named = encoder.taps(x)
-                if cast is not None:
-                    named = {name: t.to(cast) if t.dtype == torch.float32 else t for name, t in named.items()}
+                named = self._in_tap_dtype(encoder.taps(x), x.device.type)  # (compiled taps come cast already)
             for name in named:
                 if name in out or name in (SAMPLE, INPUT):
                     raise ValueError(f"encoder: two sources are named {name!r}; tap and key names must be unique")

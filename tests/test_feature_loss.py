@@ -524,6 +524,17 @@ def test_taps_come_in_the_autocast_dtype_under_autocast():
         fdl.taps_in_autocast_dtype = False
         assert {t.dtype for t in fdl._sources(x).values()} == {torch.float32}
         fdl.taps_in_autocast_dtype = True
+    # Compiled (aot_eager: the graph as traced, no code generation), the cast runs inside the compiled taps: the
+    # encoder's own maps come in bf16, equal to the eager path's, and fp32 again when the option is turned off.
+    eager = {k: v for k, v in sources.items() if k in ("a", "b")}
+    fdl.compile_encoders(backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = fdl.encoder.taps(x)
+        assert all(compiled[k].dtype == torch.bfloat16 and torch.equal(compiled[k], eager[k]) for k in eager)
+        assert all(torch.equal(fdl._sources(x)[k], eager[k]) for k in eager)
+        fdl.taps_in_autocast_dtype = False
+        assert {t.dtype for t in fdl.encoder.taps(x).values()} == {torch.float32}
+        fdl.taps_in_autocast_dtype = True
     gen, pos, neg, w = (t.float() for t in make_inputs())
     gen, pos, neg = (t[:, :, :8, :8] for t in (gen, pos, neg))
     results = []
