@@ -1,5 +1,7 @@
 """Time of a training chunk's statistics keys (every tap's mean and std over the whole map, 2x2 and 4x4 windows):
-the reference reductions (`features.tap_sets`) against the fused kernel (`kernels/tap_stats_triton.py`).
+the reference reductions (`features.tap_sets`) against the fused kernel (`kernels/tap_stats_triton.py`); and of
+laying out its per-location keys as problems: `feature_loss._problems` (a torch copy) against the layout kernel
+(`kernels/layout_triton.py`).
 
 The maps are the MAE encoder's taps of one class chunk at the ablation size (default 4 classes: 256 generated and
 320 real samples of 32x32x4 latents; random weights, which give the same shapes), in bf16 as FeatureDriftLoss gives
@@ -21,6 +23,7 @@ import json
 import torch
 from feature_loss import timed_ms  # benchmarks/feature_loss.py: ms per call after a warm-up call
 
+from drifting.feature_loss import _problems
 from drifting.features import tap_sets
 from drifting.models.resnet_mae import resnet_maes
 
@@ -73,19 +76,47 @@ def main() -> None:
             ws = weights.setdefault(i, [torch.randn_like(v) for v in keys])
             torch.autograd.grad(sum((v * w).sum() for v, w in zip(keys, ws)), leaf)
 
+    def layout_of(fused: bool):
+        if fused:
+            from drifting.kernels import fused_problem_layout
+
+            return fused_problem_layout
+        return _problems
+
+    def problems_no_grad(fused: bool):  # each tap's location key, real samples in one block (pos and neg apart in
+        layout = layout_of(fused)        # a step: the same bytes)
+        with torch.no_grad():
+            for m in gen_maps + real_maps:
+                layout(m.flatten(2).transpose(1, 2), args.classes)
+
+    problem_weights = {}
+
+    def problems_with_grad(fused: bool):
+        layout = layout_of(fused)
+        for i, m in enumerate(gen_maps):
+            leaf = m.detach().requires_grad_()
+            out = layout(leaf.flatten(2).transpose(1, 2), args.classes)
+            weight = problem_weights.setdefault(i, torch.randn_like(out))
+            torch.autograd.grad((out * weight).sum(), leaf)
+
     rows = []
     card = torch.cuda.get_device_name() if cuda else "cpu"
     dtype = str(gen_maps[0].dtype).removeprefix("torch.")
     layout = ", channels-last" if args.channels_last else ""
     print(f"{card}: {len(gen_maps)} taps of {args.encoder}, {gen_n} generated + {real_n} real samples, "
           f"{dtype}{layout}; maps {read_gb:.2f} GB")
-    print(f"{'impl':10s} {'no grad, all maps':>18s} {'gen fwd+bwd':>12s}")
+    print(f"{'':10s} {'statistics keys':>30s}   {'location keys as problems':>30s}")
+    columns = f"{'no grad, all maps':>18s} {'gen fwd+bwd':>12s}"
+    print(f"{'impl':10s} {columns}   {columns}")
     for impl in impls:
         fused = impl == "fused"
         row = {"impl": impl, "no_grad_ms": timed_ms(lambda: keys_no_grad(fused), args.iters, cuda)[0],
-               "gen_fwd_bwd_ms": timed_ms(lambda: keys_with_grad(fused), args.iters, cuda)[0]}
+               "gen_fwd_bwd_ms": timed_ms(lambda: keys_with_grad(fused), args.iters, cuda)[0],
+               "problems_no_grad_ms": timed_ms(lambda: problems_no_grad(fused), args.iters, cuda)[0],
+               "problems_gen_fwd_bwd_ms": timed_ms(lambda: problems_with_grad(fused), args.iters, cuda)[0]}
         rows.append(row)
-        print(f"{impl:10s} {row['no_grad_ms']:15.2f} ms {row['gen_fwd_bwd_ms']:9.2f} ms")
+        print(f"{impl:10s} {row['no_grad_ms']:15.2f} ms {row['gen_fwd_bwd_ms']:9.2f} ms   "
+              f"{row['problems_no_grad_ms']:15.2f} ms {row['problems_gen_fwd_bwd_ms']:9.2f} ms")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "encoder": args.encoder, "classes": args.classes,
                   "channels_last": args.channels_last, "dtype": dtype, "map_gb": read_gb, "rows": rows}

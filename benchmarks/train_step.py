@@ -69,6 +69,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--reference-keys", action="store_true",
                    help="the taps' statistics keys on the reference reductions, not the fused kernel (the drift math "
                         "keeps loss.impl): the baseline of the fused keys")
+    p.add_argument("--reference-layout", action="store_true",
+                   help="the keys' vectors laid out as problems by torch's copy, not the layout kernel (its baseline)")
     p.add_argument("--fp32-taps", action="store_true",
                    help="the encoder's taps as autocast leaves them (fp32 GroupNorm outputs), not in bf16 (the baseline "
                         "of FeatureDriftLoss.taps_in_autocast_dtype)")
@@ -120,6 +122,8 @@ def main() -> None:
     loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder)  # train.compile_encoder=true
     if args.reference_keys:
         loss_fn.fused_keys = False
+    if args.reference_layout:
+        loss_fn.fused_layout = False
     if args.encoder_channels_last:
         for encoder in loss_fn.encoders:
             encoder.to(memory_format=torch.channels_last)
@@ -321,6 +325,7 @@ def main() -> None:
         "compile": args.compile, "kernel_variant": args.kernel_variant,
         "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps,
         "rope_per_call": args.rope_per_call, "encoder_channels_last": args.encoder_channels_last,
+        "reference_layout": args.reference_layout,
         "classes": t.classes, "class_chunk": chunk, "gen_per_class": t.gen_per_class,
         "real_encoded_in_loss_call": real_in_loss_call,
         "step_ms": 1e3 * step_s, "samples_per_s": samples_per_s, "peak_gib": peak_gib,

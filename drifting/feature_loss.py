@@ -3,7 +3,7 @@
 One training step, for N_c classes with C_g generated samples, C_p positives and C_n unconditional real samples each:
 
     features of gen [N_c C_g, ...] (with grad), pos [N_c C_p, ...] and neg [N_c C_n, ...] (no grad)   features.py
-    per key [N, L, S] -> problems [N_c L, C, S], class-major then location                              _problems
+    per key [N, L, S] -> problems [N_c L, C, S], class-major then location      _problems (kernels/layout_triton)
     neg columns weighted by the class's guidance weight w [N_c]
     drift_loss per key: [N_c L] losses sharing one distance scale and one lambda per temperature         drift.py
     total = sum over keys of (mean over the key's N_c L problems)
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from drifting import drift
 from drifting.drift import AllReduce, DriftStats, drift_loss
 from drifting.features import FeatureConfig, channel_norm, flatten_sample, tap_sets
-from drifting.kernels import fused_taps_run_on
+from drifting.kernels import fused_problem_layout, fused_taps_run_on
 
 # Names of the two non-tap sources of keys (brackets keep them apart from any tap name).
 SAMPLE, INPUT = "(sample)", "(input)"
@@ -124,6 +124,9 @@ class FeatureDriftLoss:
         self.drift_options = drift_options
         # a tap's mean and std keys from one kernel (kernels/tap_stats_triton.py) where it runs, unless impl="reference"
         self.fused_keys = drift_options.get("impl", "auto") != "reference"
+        # with fused_keys, the keys' vectors laid out as problems by one kernel too (kernels/layout_triton.py); False:
+        # by torch's copy (`_problems`), the baseline of benchmarks/train_step.py --reference-layout
+        self.fused_layout = True
         # Under autocast, tap encoders' maps in the autocast dtype (see _sources); False: as the encoder gives them.
         self.taps_in_autocast_dtype = True
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
@@ -196,16 +199,19 @@ class FeatureDriftLoss:
         neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis."""
         n_c, n_pos = b.num_classes, b.pos.shape[0]
         sets = (self._vector_sets(sources, fused=self.fused_keys) for sources in (gen_sources, real_sources))
+        fused = self.fused_keys and self.fused_layout and fused_taps_run_on(b.gen.device) and n_c > 1
         for (src, key, g), (_, real_key, r) in zip(*sets):
             assert key == real_key, (key, real_key)  # same encoder, same shapes: same keys in the same order
             num_loc = g.shape[1]
+            # the layout kernel where _problems copies (several classes and locations; otherwise it is a view)
+            layout = fused_problem_layout if fused and num_loc > 1 else _problems
             neg = neg_weight = None
             if b.neg is not None:
-                neg = _problems(r[n_pos:], n_c)
+                neg = layout(r[n_pos:], n_c)
                 if b.w is not None:
                     c_n = b.neg.shape[0] // n_c
                     neg_weight = b.w[:, None, None].expand(n_c, num_loc, c_n).reshape(n_c * num_loc, c_n)
-            yield src, key, num_loc, _problems(g, n_c), _problems(r[:n_pos], n_c), neg, neg_weight
+            yield src, key, num_loc, layout(g, n_c), layout(r[:n_pos], n_c), neg, neg_weight
 
     # -----------------------------------------------------------------------------------------------------------------
     # The loss
@@ -528,7 +534,10 @@ def _stacked(*per_key: tuple[Tensor | None, ...]) -> list[Tensor | None]:
 
 
 def _problems(vectors: Tensor, num_classes: int) -> Tensor:
-    """[N_c C, L, S] (class-major samples) -> [N_c L, C, S]: one problem per (class, location), class-major."""
+    """[N_c C, L, S] (class-major samples) -> [N_c L, C, S]: one problem per (class, location), class-major.
+
+    The reference of `kernels.fused_problem_layout`, which `FeatureDriftLoss` takes where its fused keys run: from a
+    view of an NCHW tap this copy gathers values L apart (docs/benchmarks.md, eleventh sitting)."""
     n, num_loc, s = vectors.shape
     c = n // num_classes
     return vectors.reshape(num_classes, c, num_loc, s).transpose(1, 2).reshape(num_classes * num_loc, c, s)

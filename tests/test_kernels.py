@@ -263,3 +263,27 @@ def test_fused_tap_statistics_equal_reference(shape, dtype):
             assert relative(got[k], ref[k]) < 1e-6, k
         assert got_grad.dtype == dtype and got_grad.stride() == x.stride()
         assert relative(got_grad, ref_grad) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 256, 32, 32), (320, 2048, 4, 4), (12, 70, 9, 10)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_problem_layout_equals_reference(shape, dtype):
+    """A tap's location key laid out as problems (4 classes) by the layout kernel: bitwise `_problems`, forward and
+    backward, from contiguous and channels-last maps (the ablation's largest and smallest taps, and odd sizes)."""
+    from drifting.feature_loss import _problems
+    from drifting.kernels import fused_problem_layout
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fmap = torch.randn(*shape, generator=g, device="cuda").to(dtype)
+    for x in (fmap, fmap.to(memory_format=torch.channels_last)):
+        res = []
+        for layout in (_problems, fused_problem_layout):
+            leaf = x.detach().clone().requires_grad_()
+            out = layout(leaf.flatten(2).transpose(1, 2), 4)
+            weight = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+            (grad,) = torch.autograd.grad((out.float() * weight).sum(), leaf)
+            res.append((out, grad))
+        (ref, ref_grad), (got, got_grad) = res
+        assert torch.equal(got, ref) and torch.equal(got_grad, ref_grad)
+

@@ -152,6 +152,10 @@ from drifting.features import FeatureConfig, tap_sets
 calls = []  # the fused kernel's calls (to know that the fused path ran)
 kernel = drifting.features.fused_tap_statistics
 drifting.features.fused_tap_statistics = lambda fmap, *a: calls.append(fmap.requires_grad) or kernel(fmap, *a)
+import drifting.feature_loss
+layout_calls = []  # the layout kernel's, likewise
+layout_kernel = drifting.feature_loss.fused_problem_layout
+drifting.feature_loss.fused_problem_layout = lambda v, n_c: layout_calls.append(n_c) or layout_kernel(v, n_c)
 
 def close(a, b, tol, what):
     err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
@@ -214,6 +218,7 @@ for fused in (False, True):
         fdl = FeatureDriftLoss(enc, features, impl="reference")
         fdl.fused_keys = fused
         calls.clear()
+        layout_calls.clear()
         st = fdl.stats(chunks, group_keys=group_keys, **options)
         leaf = x.clone().requires_grad_()
         total = 0.0
@@ -224,6 +229,7 @@ for fused in (False, True):
             total += loss.item()
         # fused: every key of the statistics passes and of the loss calls, the generated samples' with gradient too
         assert bool(calls) == fused and any(calls) == fused, calls
+        assert set(layout_calls) == ({2} if fused else set()), layout_calls  # the 2-class chunk (1 class: a view)
         results[fused, group_keys, bool(options)] = (st, total, leaf.grad)
     # the whole batch in one call (no chunks: the per-process call of multi-GPU training)
     fdl = FeatureDriftLoss(enc, features, impl="reference")
@@ -259,6 +265,53 @@ print("ok")
 
 def test_fused_tap_statistics_equal_reference_under_the_interpreter():
     run_under_the_interpreter(TAPS_CHILD)
+
+
+LAYOUT_CHILD = r'''
+import torch
+from drifting.feature_loss import _problems
+from drifting.kernels.layout_triton import problem_layout
+
+g = torch.Generator().manual_seed(0)
+# (classes, samples per class, C, H, W, dtype, how): the per-location key of an NCHW or channels-last tap, a slice of
+# one (the real samples' positives), and contiguous vectors (the window keys); sizes off the 64 x 64 tiles
+cases = [(3, 4, 5, 8, 8, torch.float32, "nchw"), (2, 3, 70, 9, 10, torch.bfloat16, "nchw"),
+         (2, 2, 6, 4, 4, torch.float32, "channels_last"), (3, 2, 5, 6, 6, torch.float32, "sliced"),
+         (1, 5, 130, 2, 2, torch.bfloat16, "contiguous"), (4, 1, 3, 1, 1, torch.float32, "nchw")]
+for classes, per_class, c, h, w, dtype, how in cases:
+    n = classes * per_class
+    tap = torch.randn(n + (per_class if how == "sliced" else 0), c, h, w, generator=g).to(dtype)
+    if how == "channels_last":
+        tap = tap.to(memory_format=torch.channels_last)
+    if how == "contiguous":
+        tap = tap.flatten(2).transpose(1, 2).contiguous()  # already [N, L, S]
+    res = {}
+    for layout in (_problems, problem_layout):
+        leaf = tap.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        vectors = leaf if how == "contiguous" else leaf.flatten(2).transpose(1, 2)
+        if how == "sliced":
+            vectors = vectors[per_class:]
+        strides = []
+        vectors.register_hook(lambda grad: strides.append(grad.stride()))
+        out = layout(vectors, classes)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        (grad,) = torch.autograd.grad((out.float() * weight.float()).sum(), leaf)
+        res[layout] = (out, grad)
+        if layout is problem_layout and how in ("nchw", "channels_last", "contiguous"):
+            # the vectors' gradient comes in their own layout, so it passes back through the view without a copy
+            assert strides == [vectors.stride()], (how, strides, vectors.stride())
+    (ref, ref_grad), (got, got_grad) = res[_problems], res[problem_layout]
+    assert got.shape == ref.shape and got.dtype == ref.dtype and got.is_contiguous(), (how, got.shape, ref.shape)
+    assert torch.equal(got, ref), how  # pure data movement: bitwise
+    assert torch.equal(got_grad, ref_grad), how
+print("ok")
+'''
+
+
+def test_fused_problem_layout_equals_reference_under_the_interpreter():
+    """The keys' vectors laid out as problems by the layout kernel: bitwise the reference's, forward and backward,
+    from NCHW and channels-last taps, slices of them and contiguous vectors, in fp32 and bf16."""
+    run_under_the_interpreter(LAYOUT_CHILD)
 
 
 def test_fused_tap_statistics_only_where_the_kernel_takes_the_map(monkeypatch):

@@ -8,7 +8,8 @@ are the kernel's passes 1 and 2.
 
 `features.tap_sets(..., fused=True)` computes a tap's mean and std keys (whole map, 2x2 and 4x4 windows) in one
 Triton kernel (`tap_stats_triton`) where `use_fused_taps` says it runs; `FeatureDriftLoss` asks for it unless its
-impl is "reference".
+impl is "reference", and likewise lays out its keys' vectors as problems in one kernel (`layout_triton`) where
+`fused_taps_run_on` says Triton runs.
 """
 
 from __future__ import annotations
@@ -99,5 +100,11 @@ def use_fused_taps(fmap: Tensor) -> bool:
 
 def fused_tap_statistics(*args, **kwargs):
     from drifting.kernels.tap_stats_triton import tap_statistics as fused
+
+    return fused(*args, **kwargs)
+
+
+def fused_problem_layout(*args, **kwargs):
+    from drifting.kernels.layout_triton import problem_layout as fused
 
     return fused(*args, **kwargs)
