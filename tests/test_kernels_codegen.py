@@ -103,3 +103,31 @@ def test_benchmarks_kernel_variant_option_applies_or_is_a_usage_error(monkeypatc
     assert drift_triton.VARIANT["fp32_block_s"] == 64
     with pytest.raises(argparse.ArgumentTypeError, match="tile width"):
         kernel_variant("fp32_block_s=7")
+
+
+@pytest.mark.parametrize("to_problems", [True, False], ids=["to_problems", "to_vectors"])
+def test_the_layout_kernel_compiles_with_vector_accesses_on_both_sides(to_problems):
+    """Compiled for sm_90 as from an NCHW tap (channels L apart, locations contiguous), the layout kernel reads and
+    writes global memory in vectors (a coalesced transpose staged through shared memory), not value by value."""
+    import inspect
+
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from drifting.kernels import layout_triton
+
+        fn = layout_triton._relayout
+        names = list(inspect.signature(fn.fn).parameters)
+        const = dict(TO_PROBLEMS=to_problems, BLOCK_L=layout_triton.BLOCK_L, BLOCK_S=layout_triton.BLOCK_S, s_l=1)
+        signature = {n: "constexpr" if n in const else "*bf16" if n.endswith("_ptr") else "i32" for n in names}
+        aligned = [n for n in names if n.endswith("_ptr") or n in ("L", "S", "s_n", "s_s")]
+        source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                           attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    except Exception as err:  # a Triton without the NVIDIA backend or its tools
+        pytest.skip(f"cannot compile for sm_90 here: {type(err).__name__}: {err}")
+    assert ptx.count("ld.global.v") > 0 and ptx.count("ld.global.v") == ptx.count("ld.global"), "scalar loads"
+    assert ptx.count("st.global.v") > 0 and ptx.count("st.global.v") == ptx.count("st.global"), "scalar stores"
+    assert "st.shared" in ptx  # the transpose goes through shared memory
