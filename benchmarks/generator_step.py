@@ -3,6 +3,7 @@
     python benchmarks/generator_step.py --presets DiT-B/2 --batch 256 --out step.json
     python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile              # the training step's
     python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile --rope-per-call   # its baseline
+    python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile --profile dit_profile.txt
     python benchmarks/generator_step.py --presets DiT-tiny --batch 4 --device cpu --iters 1   # smoke test
 
 --rope-per-call builds RoPE's cos/sin tables in every forward, as the DiT did before it kept them in buffers (under
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator (as train.compile)")
     parser.add_argument("--rope-per-call", action="store_true",
                         help="RoPE tables built in every forward (the baseline of the buffered tables)")
+    parser.add_argument("--profile", help="also profile one step of the last preset; the operators by GPU time here")
     parser.add_argument("--out")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -72,6 +74,16 @@ def main() -> None:
                      "attn_fp32": not args.no_attn_fp32, "compile": args.compile, "rope_per_call": args.rope_per_call,
                      "ms": ms, "samples_per_s": args.batch / ms * 1e3, "peak_gib": peak})
         print(f"{name:<14} {args.batch:>5} {ms:>9.1f} {args.batch / ms * 1e3:>10.0f} {peak:>9.2f}")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+            with open(args.profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                                  row_limit=40, max_name_column_width=90) + "\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)
