@@ -12,12 +12,11 @@ encoder forward went from 804 to 921 ms), with --profile the operators by GPU ti
 
 from __future__ import annotations
 
-import argparse
 import json
 from contextlib import nullcontext
 
 import torch
-from feature_loss import timed_ms  # benchmarks/feature_loss.py: ms per call after a warm-up call
+from feature_loss import chunk_parser, parse_chunk_args, timed_ms  # benchmarks/feature_loss.py
 from torch.profiler import ProfilerActivity, profile
 
 from drifting.feature_loss import FeatureDriftLoss
@@ -25,19 +24,12 @@ from drifting.models.resnet_mae import resnet_maes
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))
-    p.add_argument("--classes", type=int, default=4, help="classes in the chunk (64 generated, 80 real samples each)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--iters", type=int, default=5)
+    p = chunk_parser()  # --encoder, --classes, --device, --iters
     p.add_argument("--compile", action="store_true", help="torch.compile the taps, as train.compile_encoder=true")
     p.add_argument("--channels-last", action="store_true", help="the encoder in channels-last memory")
     p.add_argument("--profile", help="also profile one call of each and write the operators by GPU time here")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
-    for name, value in (("classes", args.classes), ("iters", args.iters)):
-        if value < 1:
-            p.error(f"--{name}: expected an integer >= 1, got {value}")
+    args = parse_chunk_args(p)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():

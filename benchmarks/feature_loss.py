@@ -46,6 +46,25 @@ def timed_ms(fn, iters: int, cuda: bool, reset_peak: bool = False):
     return 1e3 * (time.perf_counter() - t0) / iters, first
 
 
+def chunk_parser() -> argparse.ArgumentParser:
+    """The options of the benchmarks that time one class chunk's encoder maps (tap_stats.py, encoder_step.py)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))
+    p.add_argument("--classes", type=int, default=4, help="classes in the chunk (64 generated, 80 real samples each)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--iters", type=int, default=5)
+    return p
+
+
+def parse_chunk_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """`p.parse_args()`, with --classes and --iters checked before any work."""
+    args = p.parse_args()
+    for name, value in (("classes", args.classes), ("iters", args.iters)):
+        if value < 1:
+            p.error(f"--{name}: expected an integer >= 1, got {value}")
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))

@@ -17,11 +17,10 @@ and backward (the loss call; one backward over all keys of a tap).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
-from feature_loss import timed_ms  # benchmarks/feature_loss.py: ms per call after a warm-up call
+from feature_loss import chunk_parser, parse_chunk_args, timed_ms  # benchmarks/feature_loss.py
 
 from drifting.feature_loss import _problems
 from drifting.features import tap_sets
@@ -29,19 +28,12 @@ from drifting.models.resnet_mae import resnet_maes
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--encoder", default="mae_latent_256", choices=list(resnet_maes))
-    p.add_argument("--classes", type=int, default=4, help="classes in the chunk (64 generated, 80 real samples each)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--iters", type=int, default=5)
+    p = chunk_parser()  # --encoder, --classes, --device, --iters
     p.add_argument("--impls", default="reference,fused", help="comma-separated: reference, fused")
     p.add_argument("--channels-last", action="store_true", help="the maps in channels-last memory")
     p.add_argument("--fp32", action="store_true", help="the maps in fp32, as autocast leaves them")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
-    for name, value in (("classes", args.classes), ("iters", args.iters)):
-        if value < 1:
-            p.error(f"--{name}: expected an integer >= 1, got {value}")
+    args = parse_chunk_args(p)
     impls = args.impls.split(",")
     if not impls or any(i not in ("reference", "fused") for i in impls):
         p.error(f"--impls: expected a comma-separated list of reference and fused, got {args.impls!r}")

@@ -37,12 +37,13 @@ def _relayout(src_ptr, dst_ptr, L, S, C, s_n, s_l, s_s,
         tl.store(dst_ptr + strided, tl.load(src_ptr + packed, mask=mask), mask=mask)
 
 
-def _launch(src: Tensor, dst: Tensor, vectors: Tensor, per_class: int, to_problems: bool) -> None:
-    n, num_loc, s = vectors.shape
-    if vectors.numel() == 0:
+def _launch(src: Tensor, dst: Tensor, strided: Tensor, per_class: int, to_problems: bool) -> None:
+    """Copy src -> dst, where `strided` (src or dst) is the [N, L, S] side whose shape and strides the kernel uses."""
+    n, num_loc, s = strided.shape
+    if strided.numel() == 0:
         return
     grid = (n, triton.cdiv(num_loc, BLOCK_L), triton.cdiv(s, BLOCK_S))
-    _relayout[grid](src, dst, num_loc, s, per_class, *vectors.stride(), TO_PROBLEMS=to_problems,
+    _relayout[grid](src, dst, num_loc, s, per_class, *strided.stride(), TO_PROBLEMS=to_problems,
                     BLOCK_L=BLOCK_L, BLOCK_S=BLOCK_S, num_warps=4)
 
 
