@@ -39,7 +39,7 @@ from drifting.config import load_config
 from drifting.data.datasets import to_float
 from drifting.data.queue import SampleQueue
 from drifting.drift import all_reduce_sum
-from drifting.feature_loss import ClassBatch
+from drifting.feature_loss import RANGES, ClassBatch
 from drifting.guidance import guidance_weight, sample_alpha
 from drifting.kernels import kernel_variant
 from drifting.models.dit import GENERATORS
@@ -51,6 +51,35 @@ from drifting.train.parallel import set_gradient_sync, wrap_model
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM)
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The step's phases as profiler ranges (the backward's kernels are launched from autograd's thread while the main
+# thread waits inside its range: range_device_ms attributes kernels by launch time, so they count).
+STEP_RANGES = ("statistics pass: generator", "statistics pass: loss.stats", "generator forward", "loss call",
+               "backward", "optimiser")
+
+
+def range_device_ms(raw_events, names) -> dict[str, dict[str, float]]:
+    """Per named range: "gpu", the milliseconds of the device's kernels, copies and fills launched (on any thread)
+    while it was open, and "host", the milliseconds it was open. raw_events: the profiler's kineto events
+    (`prof.profiler.kineto_results.events()`): each device event is matched to its launch by its CUPTI correlation
+    id, so it counts once (torch's FunctionEvent tree can hand a range a whole GPU span as one legacy "kernel")."""
+    spans: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+    launched_at: dict[int, int] = {}  # correlation id -> launch time (ns) of the host's runtime call
+    device = []  # (correlation id, duration ns)
+    for e in raw_events:
+        if e.device_type() == DeviceType.CPU:
+            if e.name() in spans:
+                spans[e.name()].append((e.start_ns(), e.end_ns()))
+            elif e.correlation_id() and e.linked_correlation_id():  # a runtime call that launched device work
+                launched_at[e.correlation_id()] = e.start_ns()
+        elif not e.is_user_annotation():
+            device.append((e.correlation_id(), e.duration_ns()))
+    launches = [(launched_at[c], ns) for c, ns in device if c in launched_at]
+    matched = {"(all device work matched to a launch)": {"gpu": sum(ns for _, ns in launches) / 1e6, "host": 0.0}}
+    return matched | {name: {"gpu": sum(ns for t, ns in launches if any(a <= t <= b for a, b in spans[name])) / 1e6,
+                   "host": sum(b - a for a, b in spans[name]) / 1e6}
+            for name in names if spans[name]}
 
 
 def parse() -> argparse.Namespace:
@@ -219,9 +248,10 @@ def main() -> None:
                 with record_function("backward"):
                     (loss * world).backward()
                 mark("backward")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        ema_update({0.999: ema}, model, {0.999: 0.999})
+        with record_function("optimiser"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            ema_update({0.999: ema}, model, {0.999: 0.999})
         mark("optimiser")
 
     # Whole steps.
@@ -290,6 +320,13 @@ def main() -> None:
         syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
         head = (f"profiled step: {wall_ms:.0f} ms wall, {busy_ms:.0f} ms of GPU kernels ({busy_ms / wall_ms:.0%}), "
                 f"{launches} kernel launches, {syncs} host syncs\n\n")
+        # The GPU time of the kernels launched inside each named range (the step's phases above and the parts of
+        # FeatureDriftLoss): a split of the step that host-side noise does not move, unlike the synchronised one.
+        ranges = range_device_ms(prof.profiler.kineto_results.events(), STEP_RANGES + RANGES)
+        head += ("GPU time by range (kernels launched while it was open; the loss's parts nest inside the phases),"
+                 " share of the GPU's busy time, and the range's host time\n")
+        head += "".join(f"  {name:<52} {r['gpu']:9.1f} ms {r['gpu'] / max(busy_ms, 1e-9):6.1%}  "
+                        f"host {r['host']:9.1f} ms\n" for name, r in ranges.items()) + "\n"
         table = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
                                max_name_column_width=70)
         host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
@@ -297,24 +334,25 @@ def main() -> None:
             Path(args.profile).write_text(head + table + "\n\nBy host time:\n" + host + "\n")
             print(head.strip())
 
-    # FLOPs of one process's step (issue 10's count), at the local batch.
+    # FLOPs of one process's step (issue 10's count): counted on one class's samples (every count is linear in the
+    # batch) and multiplied by the process's classes, so that counting needs little memory beside the step's.
     flops = {}
     with FlopCounterMode(display=False) as counter:
-        inputs = generator_inputs(model, chunk * t.gen_per_class, device)
+        inputs = generator_inputs(model, t.gen_per_class, device)
         with autocast:
             out = model(*inputs).float()
         out.square().mean().backward()
-    flops["generator fwd+bwd"] = counter.get_total_flops() * (local // chunk)
+    flops["generator fwd+bwd"] = counter.get_total_flops() * local
     opt.zero_grad(set_to_none=True)
     if loss_fn.encoders:
         with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
-            encoders_forward(inputs_real)
-        flops["encoder fwd (real)"] = counter.get_total_flops() * (local // chunk)
+            encoders_forward(inputs_real[: t.pos_per_class + t.uncond_per_class])
+        flops["encoder fwd (real)"] = counter.get_total_flops() * local
         with FlopCounterMode(display=False) as counter:
             with autocast:
-                outs = encoders_forward(inputs_gen)
+                outs = encoders_forward(inputs_gen[: t.gen_per_class])
             sum(o.float().square().mean() for o in outs).backward()
-        flops["encoder fwd+bwd (generated)"] = counter.get_total_flops() * (local // chunk)
+        flops["encoder fwd+bwd (generated)"] = counter.get_total_flops() * local
     total_flops = sum(flops.values())
     card = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in card), float("nan"))
@@ -332,6 +370,8 @@ def main() -> None:
         "tflop_per_step_per_process": total_flops / 1e12, "mfu": mfu, "flops": flops,
         "split_ms": {k: 1e3 * v for k, v in split.items()},
     }
+    if args.profile:
+        result["profile"] = {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_ms_by_range": ranges}
     if args.baseline:
         one = json.loads(Path(args.baseline).read_text())
         result["scaling_efficiency"] = samples_per_s / (world * one["samples_per_s"])

@@ -50,6 +50,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from drifting import drift
 from drifting.drift import AllReduce, DriftStats, drift_loss
@@ -59,6 +60,14 @@ from drifting.kernels import fused_problem_layout, fused_taps_run_on
 # Names of the two non-tap sources of keys (brackets keep them apart from any tap name).
 SAMPLE, INPUT = "(sample)", "(input)"
 OWN_KEY = "(key)"  # prefix of the sources that are ready-made keys of an encoder with `feature_sets`
+# Profiler ranges (torch.profiler.record_function) of the parts of a statistics pass and a loss call, so that a
+# profile of a training step says how much GPU time each takes (benchmarks/train_step.py --profile sums them).
+RANGE_ENCODERS = "drifting: encoders"
+RANGE_PASS1 = "drifting: statistics pass 1 (keys, distance scale)"
+RANGE_PASS2 = "drifting: statistics pass 2 (keys, fields)"
+RANGE_STACKED = "drifting: stacked losses"
+RANGE_LOSS = "drifting: keys and drift loss"
+RANGES = (RANGE_ENCODERS, RANGE_PASS1, RANGE_PASS2, RANGE_STACKED, RANGE_LOSS)
 DRIFT_OPTIONS = frozenset(
     {"temperatures", "normalize", "affinity_floor", "self_mask", "attraction", "repulsion", "chunk_size",
      "check_finite", "impl"}
@@ -271,9 +280,10 @@ class FeatureDriftLoss:
                                  f"got {pos.shape[0]} positives and {0 if neg is None else neg.shape[0]} negatives")
         else:
             real = pos if neg is None else torch.cat([pos, neg])
-            with torch.no_grad():
+            with torch.no_grad(), record_function(RANGE_ENCODERS):
                 real_sources = self._sources(real)
-        sources = self._sources(gen)
+        with record_function(RANGE_ENCODERS):
+            sources = self._sources(gen)
         # Keys are computed from detached copies of the sources; their gradients are collected per key and handed to
         # the graph-carrying sources (and through the encoder to gen) in one backward by _WithGradients.
         leaves = {k: v.detach().requires_grad_(need_grad) for k, v in sources.items()}
@@ -304,7 +314,7 @@ class FeatureDriftLoss:
         # freed before the next key is built.
         fused = self.fused_keys and fused_taps_run_on(gen.device)
         run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys or fused else (lambda ps: ps[1])
-        with torch.set_grad_enabled(need_grad):
+        with torch.set_grad_enabled(need_grad), record_function(RANGE_LOSS):
             for _, together in itertools.groupby(problem_sets, key=run_of):
                 together = list(together)
                 order += [ps[1] for ps in together]
@@ -422,15 +432,17 @@ class FeatureDriftLoss:
             return "compiled" if compiled else "reference"
 
         options = {k: v for k, v in self.drift_options.items() if k != "impl"}
-        sources = [self._batch_sources(b) for b in batches] if keep_sources else None
+        with record_function(RANGE_ENCODERS):
+            sources = [self._batch_sources(b) for b in batches] if keep_sources else None
 
         # Pass 1: sum(w d) and sum(w) per key (the distance scale), and the class count.
         # chunk_size and check_finite too: the default check reads a flag back from the GPU (a host sync per key)
         pass1 = {k: options[k] for k in ("chunk_size", "check_finite") if k in options}
-        scale_sums = self._accumulate(
-            batches, lambda g, p, n, nw, keys, groups: drift.scale_sums(g, p, n, neg_weight=nw, groups=groups,
-                                                                        impl=impl(g.shape[0]), **pass1),
-            sources, group_keys, stack_below)
+        with record_function(RANGE_PASS1):
+            scale_sums = self._accumulate(
+                batches, lambda g, p, n, nw, keys, groups: drift.scale_sums(g, p, n, neg_weight=nw, groups=groups,
+                                                                            impl=impl(g.shape[0]), **pass1),
+                sources, group_keys, stack_below)
         keys = list(scale_sums)
         num_classes = sum(b.num_classes for b in batches)
         packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
@@ -442,13 +454,14 @@ class FeatureDriftLoss:
 
         # Pass 2: sum of squared fields per temperature and the number of field entries, at the global scale.
         held = [] if stacked_losses else None  # pass 2's stacked calls, for their losses below
-        square_sums = self._accumulate(
-            batches,
-            lambda g, p, n, nw, keys, groups: drift.field_square_sums(
-                g, p, n, neg_weight=nw, total_scale_sums=torch.stack([global_scale_sums[k] for k in keys]),
-                groups=groups, impl=impl(g.shape[0]), **options),
-            sources, group_keys, stack_below, held,
-        )
+        with record_function(RANGE_PASS2):
+            square_sums = self._accumulate(
+                batches,
+                lambda g, p, n, nw, keys, groups: drift.field_square_sums(
+                    g, p, n, neg_weight=nw, total_scale_sums=torch.stack([global_scale_sums[k] for k in keys]),
+                    groups=groups, impl=impl(g.shape[0]), **options),
+                sources, group_keys, stack_below, held,
+            )
         packed = torch.stack([square_sums[k] for k in keys])  # (K, R + 1)
         if all_reduce is not None:
             packed = all_reduce(packed)
@@ -460,17 +473,19 @@ class FeatureDriftLoss:
         """Per batch, key -> (losses, gradient of their sum) of the stacked calls `held` of pass 2: (keys, batch
         indices, per key its problem counts per batch, g, p, n, nw, device type) with every batch's problems."""
         out: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(num_batches)]
-        for keys, batch_ids, counts, g, p, n, nw, device_type in held:
-            per_key = [sum(c) for c in counts]
-            leaf = g.detach().requires_grad_()
-            with torch.enable_grad(), torch.autocast(device_type, enabled=False):
-                losses, _ = drift_loss(leaf, p, n, neg_weight=nw, groups=per_key if len(keys) > 1 else None,
-                                       stats=_stacked_stats([key_stats[k] for k in keys]), **self.drift_options)
-                (grad,) = torch.autograd.grad(losses.sum(), leaf)
-            for key, key_counts, key_losses, key_grad in zip(keys, counts, losses.split(per_key), grad.split(per_key)):
-                for i, batch_losses, batch_grad in zip(batch_ids, key_losses.split(key_counts),
-                                                       key_grad.split(key_counts)):
-                    out[i][key] = (batch_losses.detach(), batch_grad)
+        with record_function(RANGE_STACKED):
+            for keys, batch_ids, counts, g, p, n, nw, device_type in held:
+                per_key = [sum(c) for c in counts]
+                leaf = g.detach().requires_grad_()
+                with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+                    losses, _ = drift_loss(leaf, p, n, neg_weight=nw, groups=per_key if len(keys) > 1 else None,
+                                           stats=_stacked_stats([key_stats[k] for k in keys]), **self.drift_options)
+                    (grad,) = torch.autograd.grad(losses.sum(), leaf)
+                for key, key_counts, key_losses, key_grad in zip(keys, counts, losses.split(per_key),
+                                                                 grad.split(per_key)):
+                    for i, batch_losses, batch_grad in zip(batch_ids, key_losses.split(key_counts),
+                                                           key_grad.split(key_counts)):
+                        out[i][key] = (batch_losses.detach(), batch_grad)
         return tuple(out)
 
     def _batch_sources(self, b: ClassBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -1,0 +1,76 @@
+"""The training-step benchmark's measurement helpers (benchmarks/train_step.py), on CPU."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from torch.autograd import DeviceType
+
+from drifting.feature_loss import RANGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Event:
+    """The methods of a kineto event that range_device_ms reads."""
+
+    def __init__(self, name, device, start, end, corr=0, linked=0, annotation=False):
+        self._v = (name, device, start, end, corr, linked, annotation)
+
+    def name(self): return self._v[0]
+    def device_type(self): return self._v[1]
+    def start_ns(self): return self._v[2]
+    def end_ns(self): return self._v[3]
+    def duration_ns(self): return self._v[3] - self._v[2]
+    def correlation_id(self): return self._v[4]
+    def linked_correlation_id(self): return self._v[5]
+    def is_user_annotation(self): return self._v[6]
+
+
+def test_range_device_ms_counts_each_device_event_once_by_its_launch_time():
+    bench = _load("train_step")
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    ms = 1_000_000
+    events = [
+        _Event("outer", cpu, 0, 10 * ms), _Event("inner", cpu, 2 * ms, 4 * ms),
+        _Event("outer", cpu, 20 * ms, 21 * ms),  # a second opening of the same range
+        _Event("cudaLaunchKernel", cpu, 1 * ms, 1 * ms + 5, corr=1, linked=100),   # in outer
+        _Event("cuLaunchKernel", cpu, 3 * ms, 3 * ms + 5, corr=2, linked=101),     # in outer and inner
+        _Event("cudaLaunchKernel", cpu, 15 * ms, 15 * ms + 5, corr=3, linked=102),  # in neither
+        _Event("cudaMemsetAsync", cpu, 20 * ms, 20 * ms + 5, corr=4, linked=103),  # in outer's second opening
+        # the device work runs later than its launch: only the launch time places it
+        _Event("k1", gpu, 30 * ms, 37 * ms, corr=1), _Event("k2", gpu, 40 * ms, 42 * ms, corr=2),
+        _Event("k3", gpu, 43 * ms, 44 * ms, corr=3), _Event("memset", gpu, 45 * ms, 45 * ms + ms // 2, corr=4),
+        _Event("unlaunched", gpu, 50 * ms, 60 * ms, corr=99),  # no launch seen: in no range
+        _Event("outer", gpu, 30 * ms, 42 * ms, corr=5, annotation=True),  # the range's own GPU span: not work
+    ]
+    out = bench.range_device_ms(events, ("outer", "inner", "never opened"))
+    assert out["outer"] == {"gpu": 7 + 2 + 0.5, "host": 11.0}
+    assert out["inner"] == {"gpu": 2.0, "host": 2.0}
+    assert "never opened" not in out
+    assert out["(all device work matched to a launch)"]["gpu"] == 7 + 2 + 1 + 0.5
+
+
+def test_train_step_profile_names_the_loss_parts(tmp_path):
+    """A profiled CPU step of the debug preset in two class chunks reports every range of FeatureDriftLoss."""
+    bench = _load("train_step")
+    out = tmp_path / "step.json"
+    argv = sys.argv
+    sys.argv = ["train_step.py", "--preset", str(ROOT / "configs/gen/debug.yaml"), "--device", "cpu", "--warmup", "1",
+                "--iters", "1", "--class-chunk", "2", "--profile", str(tmp_path / "profile.txt"), "--out", str(out),
+                "train.stats_keep_features=true", "train.stats_stack_below=128", "train.stats_stacked_losses=true"]
+    try:
+        bench.main()
+    finally:
+        sys.argv = argv
+    ranges = json.loads(out.read_text())["profile"]["gpu_ms_by_range"]
+    assert set(RANGES) <= set(ranges) and set(bench.STEP_RANGES) <= set(ranges)
+    assert all(r["host"] > 0 for name, r in ranges.items() if name in bench.STEP_RANGES)
