@@ -203,23 +203,32 @@ class FeatureDriftLoss:
                 for key, vectors in tap_sets(name, fmap, cfg.subset, fused=fused):
                     yield name, key, vectors
 
-    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch):
+    def _problem_sets(self, gen_sources, real_sources, b: ClassBatch, gen_only=frozenset()):
         """Per key, lazily: (source, key, L, gen [N_c L, C_g, S], pos [N_c L, C_p, S], neg [N_c L, C_n, S] or None,
-        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis."""
+        neg_weight [N_c L, C_n] or None). The real sources hold pos then neg along the sample axis.
+        gen_only: keys whose real problems are not needed (their losses are ready): pos, neg and neg_weight None.
+        The neg weights [N_c L, C_n] depend on L only: one tensor per L, shared by the keys of that L (read only)."""
         n_c, n_pos = b.num_classes, b.pos.shape[0]
         sets = (self._vector_sets(sources, fused=self.fused_keys) for sources in (gen_sources, real_sources))
         fused = self.fused_keys and self.fused_layout and fused_taps_run_on(b.gen.device) and n_c > 1
+        neg_weights: dict[int, Tensor] = {}  # L -> the neg weights of the keys with L locations
         for (src, key, g), (_, real_key, r) in zip(*sets):
             assert key == real_key, (key, real_key)  # same encoder, same shapes: same keys in the same order
             num_loc = g.shape[1]
             # the layout kernel where _problems copies (several classes and locations; otherwise it is a view)
             layout = fused_problem_layout if fused and num_loc > 1 else _problems
+            if key in gen_only:
+                yield src, key, num_loc, layout(g, n_c), None, None, None
+                continue
             neg = neg_weight = None
             if b.neg is not None:
                 neg = layout(r[n_pos:], n_c)
                 if b.w is not None:
-                    c_n = b.neg.shape[0] // n_c
-                    neg_weight = b.w[:, None, None].expand(n_c, num_loc, c_n).reshape(n_c * num_loc, c_n)
+                    neg_weight = neg_weights.get(num_loc)
+                    if neg_weight is None:
+                        c_n = b.neg.shape[0] // n_c
+                        neg_weight = b.w[:, None, None].expand(n_c, num_loc, c_n).reshape(n_c * num_loc, c_n)
+                        neg_weights[num_loc] = neg_weight
             yield src, key, num_loc, layout(g, n_c), layout(r[:n_pos], n_c), neg, neg_weight
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -307,7 +316,8 @@ class FeatureDriftLoss:
             # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
             grads[src] = grads[src].add_(grad) if src in grads else grad.contiguous()
 
-        problem_sets = self._problem_sets(leaves, real_sources, b)  # (source, key, L, g, p, n, nw), lazily
+        # (source, key, L, g, p, n, nw), lazily; the keys whose losses are ready need no real problems
+        problem_sets = self._problem_sets(leaves, real_sources, b, gen_only=ready.keys())
         # Runs of keys differentiated together, in one backward to their tap: a source's keys of one dtype with
         # group_keys (which also stacks them into one drift_loss call) or with fused statistics keys (a tap's six
         # share one autograd node, freed by the first backward through it); otherwise each key alone, its graph
@@ -555,6 +565,8 @@ def _problems(vectors: Tensor, num_classes: int) -> Tensor:
     view of an NCHW tap this copy gathers values L apart (docs/benchmarks.md, eleventh sitting)."""
     n, num_loc, s = vectors.shape
     c = n // num_classes
+    if num_loc == 1:  # one location: the problems are the samples [N_c, C, S] (the same view, in one op, not three)
+        return vectors.reshape(num_classes, c, s)
     return vectors.reshape(num_classes, c, num_loc, s).transpose(1, 2).reshape(num_classes * num_loc, c, s)
 
 

@@ -368,6 +368,21 @@ def _temperatures(temperatures: tuple[float, ...], device: torch.device) -> Tens
     return _TEMPERATURES[key]
 
 
+_DUMMIES: dict[torch.device, Tensor] = {}
+
+
+def _dummy(device: torch.device) -> Tensor:
+    """A float32 [1] tensor for the kernel's unused pointer arguments (never read or written), made once per device."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return _DUMMIES[device]
+
+
+def _detached(t: Tensor) -> Tensor:
+    """t without its graph: the kernels only read the data (no detach op for a tensor that has no graph)."""
+    return t.detach() if t.requires_grad else t
+
+
 def _next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
@@ -411,15 +426,16 @@ class _Kernel:
         # bf16 inputs run on bf16 tensor cores; anything else (fp32, fp16, mixed) is computed in full fp32
         ieee = not all(t.dtype == torch.bfloat16 for t in (gen, pos, neg) if t is not None)
         dtype = torch.float32 if ieee else torch.bfloat16
-        x = gen.detach().to(dtype)
-        pos = pos.detach().to(dtype)
-        neg = neg.detach().to(dtype) if has_neg else None
+        x = _detached(gen).to(dtype)
+        pos = _detached(pos).to(dtype)
+        neg = _detached(neg).to(dtype) if has_neg else None
         self.shape, self.num_temperatures, self.device = (b, c_g, s), len(temperatures), gen.device
         self.f32 = dict(dtype=torch.float32, device=gen.device)
-        weights = [None if w is None else w.detach().float().contiguous() for w in (gen_weight, neg_weight, pos_weight)]
+        weights = [None if w is None else _detached(w).float().contiguous()
+                   for w in (gen_weight, neg_weight, pos_weight)]
         if not has_neg:
             weights[1] = None
-        self.dummy = torch.empty(1, **self.f32)
+        self.dummy = _dummy(gen.device)
         temps = _temperatures(tuple(temperatures), gen.device)
         block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
         large = max(block_g, block_p) > 64

@@ -47,17 +47,37 @@ def _launch(src: Tensor, dst: Tensor, strided: Tensor, per_class: int, to_proble
                     BLOCK_L=BLOCK_L, BLOCK_S=BLOCK_S, num_warps=4)
 
 
+def _to_problems(vectors: Tensor, num_classes: int) -> Tensor:
+    n, num_loc, s = vectors.shape
+    per_class = n // num_classes
+    problems = torch.empty(num_classes * num_loc, per_class, s, dtype=vectors.dtype, device=vectors.device)
+    _launch(vectors, problems, vectors, per_class, True)
+    return problems
+
+
+def _transposed_contiguous(t: Tensor) -> bool:
+    """t.transpose(1, 2).is_contiguous() for a 3-d t, from its sizes and strides (no tensor op): torch's rule,
+    dimensions of size 1 skipped, an empty tensor contiguous."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for d in (1, 2, 0):  # the transposed tensor's dimensions, innermost first
+        size = t.shape[d]
+        if size != 1:
+            if t.stride(d) != expected:
+                return False
+            expected *= size
+    return True
+
+
 class _ProblemLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vectors: Tensor, num_classes: int) -> Tensor:
-        n, num_loc, s = vectors.shape
-        per_class = n // num_classes
-        problems = torch.empty(num_classes * num_loc, per_class, s, dtype=vectors.dtype, device=vectors.device)
-        _launch(vectors, problems, vectors, per_class, True)
+        problems = _to_problems(vectors, num_classes)
         # The gradient takes the vectors' layout where they are a view of an NCHW map (channels L apart), so it
         # passes back through the view without a copy; otherwise it is contiguous.
-        ctx.per_class, ctx.shape = per_class, vectors.shape
-        ctx.nchw_view = vectors.transpose(1, 2).is_contiguous()
+        ctx.per_class, ctx.shape = vectors.shape[0] // num_classes, vectors.shape
+        ctx.nchw_view = _transposed_contiguous(vectors)
         return problems
 
     @staticmethod
@@ -75,4 +95,6 @@ class _ProblemLayout(torch.autograd.Function):
 def problem_layout(vectors: Tensor, num_classes: int) -> Tensor:
     """vectors [N_c C, L, S] (class-major samples, any strides) -> problems [N_c L, C, S] (contiguous), as
     `feature_loss._problems`; differentiable. The caller checks that num_classes divides N."""
+    if not (torch.is_grad_enabled() and vectors.requires_grad):  # no graph to record: the kernel alone
+        return _to_problems(vectors, int(num_classes))
     return _ProblemLayout.apply(vectors, int(num_classes))
