@@ -48,26 +48,12 @@ def _launch(src: Tensor, dst: Tensor, strided: Tensor, per_class: int, to_proble
 
 
 def _to_problems(vectors: Tensor, num_classes: int) -> Tensor:
+    """The layout kernel's forward alone: vectors [N_c C, L, S] -> new contiguous problems [N_c L, C, S]."""
     n, num_loc, s = vectors.shape
     per_class = n // num_classes
     problems = torch.empty(num_classes * num_loc, per_class, s, dtype=vectors.dtype, device=vectors.device)
     _launch(vectors, problems, vectors, per_class, True)
     return problems
-
-
-def _transposed_contiguous(t: Tensor) -> bool:
-    """t.transpose(1, 2).is_contiguous() for a 3-d t, from its sizes and strides (no tensor op): torch's rule,
-    dimensions of size 1 skipped, an empty tensor contiguous."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for d in (1, 2, 0):  # the transposed tensor's dimensions, innermost first
-        size = t.shape[d]
-        if size != 1:
-            if t.stride(d) != expected:
-                return False
-            expected *= size
-    return True
 
 
 class _ProblemLayout(torch.autograd.Function):
@@ -77,7 +63,7 @@ class _ProblemLayout(torch.autograd.Function):
         # The gradient takes the vectors' layout where they are a view of an NCHW map (channels L apart), so it
         # passes back through the view without a copy; otherwise it is contiguous.
         ctx.per_class, ctx.shape = vectors.shape[0] // num_classes, vectors.shape
-        ctx.nchw_view = _transposed_contiguous(vectors)
+        ctx.nchw_view = vectors.transpose(1, 2).is_contiguous()
         return problems
 
     @staticmethod
