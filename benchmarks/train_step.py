@@ -243,7 +243,8 @@ def main() -> None:
                 mark("generator forward")
                 with autocast, record_function("loss call"):
                     loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
-                                      chunk=k, group_keys=t.loss_group_keys and stats is not None)
+                                      chunk=k, group_keys=t.loss_group_keys and stats is not None,
+                                      cuda_graph=t.loss_cuda_graph and stats is not None)
                 mark("loss call")
                 with record_function("backward"):
                     (loss * world).backward()

@@ -46,6 +46,7 @@ instead of 289 MiB in fp32.
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from drifting import drift
+from drifting.cuda_graph import GraphedFunction
 from drifting.drift import AllReduce, DriftStats, drift_loss
 from drifting.features import FeatureConfig, channel_norm, flatten_sample, tap_sets
 from drifting.kernels import fused_problem_layout, fused_taps_run_on
@@ -139,6 +141,12 @@ class FeatureDriftLoss:
         # Under autocast, tap encoders' maps in the autocast dtype (see _sources); False: as the encoder gives them.
         self.taps_in_autocast_dtype = True
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
+        # __call__(cuda_graph=True): the graph (captured at the first such call) and a weak reference to the tap
+        # gradients of the last graphed call, which live in the graph's buffers until the next replay.
+        # graph_backend "eager": the graph emulated by re-running (`cuda_graph.GraphedFunction`), for CPU tests.
+        self.graph_backend = "cuda"
+        self._graph: GraphedFunction | None = None
+        self._pending_gradients: weakref.ref | None = None
 
     def compile_encoders(self, **options) -> None:
         """torch.compile the `taps` of every tap encoder (its GroupNorms and activations fuse around the convolutions).
@@ -247,6 +255,7 @@ class FeatureDriftLoss:
         all_reduce: AllReduce | None = None,
         chunk: int | None = None,
         group_keys: bool = False,
+        cuda_graph: bool = False,
     ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
         """The loss of one batch of classes (or of one chunk / one process's share, see the module docstring).
 
@@ -266,6 +275,11 @@ class FeatureDriftLoss:
                 losses, 26 calls instead of 86 for the latent MAE-256, more memory for one group's stacked
                 problems. Keys of few problems leave the GPU nearly empty alone (on an H200 at the ablation size the
                 loss calls of a step take 18% less time grouped).
+            cuda_graph: with stats, the keys and drift losses (all but the encoders) replayed from one CUDA graph,
+                captured at the first call and again whenever a shape, dtype or option changes: the same loss and
+                gradient, the host's launches of ~900 kernels per call replaced by one (`cuda_graph.py`). Needs
+                check_finite=False (a sync inside a graph is an error) and memory for the graph's own copy of the
+                inputs (the generated and real taps) and of the temporaries of one call.
 
         Returns:
             loss: scalar, sum over keys of (sum of this batch's key losses / global number of problems of the key).
@@ -277,6 +291,13 @@ class FeatureDriftLoss:
             raise ValueError("all_reduce: not needed with stats (they are already global)")
         if group_keys and stats is None:
             raise ValueError("group_keys: needs stats (each key's statistics must be known before its call)")
+        if cuda_graph:
+            if stats is None:
+                raise ValueError("cuda_graph: needs stats (a graph is replayed over the chunks of a step)")
+            if self.drift_options.get("check_finite", True):
+                raise ValueError("cuda_graph: needs the drift option check_finite=False (its check syncs the host)")
+            if self.graph_backend == "cuda" and gen.device.type != "cuda":
+                raise ValueError(f"cuda_graph: needs CUDA tensors, got gen on {gen.device}")
         need_grad = torch.is_grad_enabled() and gen.requires_grad
         if chunk is not None and stats is not None and stats.real_sources is not None:
             if not 0 <= chunk < len(stats.real_sources):
@@ -293,17 +314,12 @@ class FeatureDriftLoss:
                 real_sources = self._sources(real)
         with record_function(RANGE_ENCODERS):
             sources = self._sources(gen)
-        # Keys are computed from detached copies of the sources; their gradients are collected per key and handed to
-        # the graph-carrying sources (and through the encoder to gen) in one backward by _WithGradients.
-        leaves = {k: v.detach().requires_grad_(need_grad) for k, v in sources.items()}
         if stats is not None:
             total_classes = stats.num_classes
         elif all_reduce is not None:
             total_classes = round(all_reduce(gen.new_tensor([b.num_classes], dtype=torch.float64)).item())
         else:
             total_classes = b.num_classes
-
-        total, grads, info, order = None, {}, {}, []
         # the losses that the statistics pass computed already (stats(stacked_losses=True)), for this batch
         ready = {}
         if chunk is not None and stats is not None and stats.losses is not None:
@@ -311,6 +327,33 @@ class FeatureDriftLoss:
                 raise ValueError(f"chunk: expected an index below {len(stats.losses)} (the batches given to stats), "
                                  f"got {chunk}")
             ready = stats.losses[chunk]
+        key_stats = None if stats is None else stats.keys
+        # Keys are computed from detached copies of the sources; their gradients are collected per key and handed to
+        # the graph-carrying sources (and through the encoder to gen) in one backward by _WithGradients.
+        leaves = {k: v.detach().requires_grad_(need_grad) for k, v in sources.items()}
+        if cuda_graph:
+            total, info, grads = self._graphed_key_losses(leaves, real_sources, b, ready, key_stats, total_classes,
+                                                          need_grad, group_keys)
+        else:
+            with torch.set_grad_enabled(need_grad), record_function(RANGE_LOSS):
+                total, info, grads = self._key_losses(leaves, real_sources, b, ready, key_stats, total_classes,
+                                                      need_grad, group_keys, all_reduce, chunk)
+        if need_grad:
+            names = list(grads)
+            tap_grads = _TapGradients(tuple(grads[k] for k in names))
+            if cuda_graph:  # they are the graph's buffers: the next call clones them if their backward is still to come
+                self._pending_gradients = weakref.ref(tap_grads)
+            total = _WithGradients.apply(total, tap_grads, *(sources[k] for k in names))
+        return total, info
+
+    def _key_losses(self, leaves: dict[str, Tensor], real_sources: dict[str, Tensor], b: ClassBatch,
+                    ready: dict[str, tuple[Tensor, Tensor]], key_stats: dict[str, DriftStats] | None,
+                    total_classes: int, need_grad: bool, group_keys: bool, all_reduce: AllReduce | None = None,
+                    chunk: int | None = None) -> tuple[Tensor, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+        """The keys' losses from the sources' detached `leaves`: (total, info in the keys' order, per source the
+        gradient of total with respect to it). See __call__; `ready`: key -> its losses and gradient from the
+        statistics pass."""
+        total, grads, info, order = None, {}, {}, []
 
         def add_gradient(src: str, grad: Tensor) -> None:
             # Accumulate in place into a buffer of our own (the gradient of a mean can be an expanded view).
@@ -322,62 +365,78 @@ class FeatureDriftLoss:
         # group_keys (which also stacks them into one drift_loss call) or with fused statistics keys (a tap's six
         # share one autograd node, freed by the first backward through it); otherwise each key alone, its graph
         # freed before the next key is built.
-        fused = self.fused_keys and fused_taps_run_on(gen.device)
+        fused = self.fused_keys and fused_taps_run_on(b.gen.device)
         run_of = (lambda ps: (ps[0], ps[3].dtype)) if group_keys or fused else (lambda ps: ps[1])
-        with torch.set_grad_enabled(need_grad), record_function(RANGE_LOSS):
-            for _, together in itertools.groupby(problem_sets, key=run_of):
-                together = list(together)
-                order += [ps[1] for ps in together]
-                src = together[0][0]  # one source per run
-                outputs, output_grads = [], []  # what the run's backward starts from
-                for _, key, num_loc, g, *_ in (ps for ps in together if ps[1] in ready):
-                    losses, grad_of_sum = ready[key]
-                    if losses.shape[0] != g.shape[0]:
-                        raise ValueError(f"chunk {chunk}: the statistics hold {losses.shape[0]} problems of key "
-                                         f"{key!r} for it, got {g.shape[0]}")
-                    denominator = total_classes * num_loc
-                    key_loss = losses.sum() / denominator
-                    if need_grad:  # the key's gradient with respect to its problems, to carry back to the tap
-                        outputs.append(g)
-                        output_grads.append((grad_of_sum / denominator).to(g.dtype))
+        for _, together in itertools.groupby(problem_sets, key=run_of):
+            together = list(together)
+            order += [ps[1] for ps in together]
+            src = together[0][0]  # one source per run
+            outputs, output_grads = [], []  # what the run's backward starts from
+            for _, key, num_loc, g, *_ in (ps for ps in together if ps[1] in ready):
+                losses, grad_of_sum = ready[key]
+                if losses.shape[0] != g.shape[0]:
+                    raise ValueError(f"chunk {chunk}: the statistics hold {losses.shape[0]} problems of key "
+                                     f"{key!r} for it, got {g.shape[0]}")
+                denominator = total_classes * num_loc
+                key_loss = losses.sum() / denominator
+                if need_grad:  # the key's gradient with respect to its problems, to carry back to the tap
+                    outputs.append(g)
+                    output_grads.append((grad_of_sum / denominator).to(g.dtype))
+                total = key_loss if total is None else total + key_loss
+                info[key] = {"loss": key_loss, "scale": key_stats[key].scale, "drift_ms": key_stats[key].drift_ms}
+            rest = [ps for ps in together if ps[1] not in ready]
+            for call in ([rest] if group_keys and rest else [[ps] for ps in rest]):  # drift_loss calls
+                _, keys, locs, g, p, n, nw = zip(*call)
+                stacked_stats = None
+                if key_stats is not None:
+                    missing = [k for k in keys if k not in key_stats]
+                    if missing:
+                        raise KeyError(f"stats: no statistics for feature key {missing[0]!r}")
+                    stacked_stats = _stacked_stats([key_stats[k] for k in keys])
+                counts = [t.shape[0] for t in g]
+                g, p, n, nw = _stacked(g, p, n, nw)
+                groups = counts if len(keys) > 1 else None
+                # The drift math stays in fp32 when the caller runs the encoder under autocast.
+                with torch.autocast(b.gen.device.type, enabled=False):
+                    losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=stacked_stats, all_reduce=all_reduce,
+                                                  groups=groups, **self.drift_options)  # (sum of N_c L,)
+                key_losses = [part.sum() / (total_classes * num_loc) for part, num_loc in zip(losses.split(counts), locs)]
+                if need_grad:
+                    outputs.append(sum(key_losses))
+                    output_grads.append(None)  # a scalar: d/d itself = 1
+                for i, (key, key_loss) in enumerate(zip(keys, key_losses)):
+                    key_loss = key_loss.detach()
                     total = key_loss if total is None else total + key_loss
-                    info[key] = {"loss": key_loss, "scale": stats.keys[key].scale,
-                                 "drift_ms": stats.keys[key].drift_ms}
-                rest = [ps for ps in together if ps[1] not in ready]
-                for call in ([rest] if group_keys and rest else [[ps] for ps in rest]):  # drift_loss calls
-                    _, keys, locs, g, p, n, nw = zip(*call)
-                    key_stats = None
-                    if stats is not None:
-                        missing = [k for k in keys if k not in stats.keys]
-                        if missing:
-                            raise KeyError(f"stats: no statistics for feature key {missing[0]!r}")
-                        key_stats = _stacked_stats([stats.keys[k] for k in keys])
-                    counts = [t.shape[0] for t in g]
-                    g, p, n, nw = _stacked(g, p, n, nw)
-                    groups = counts if len(keys) > 1 else None
-                    # The drift math stays in fp32 when the caller runs the encoder under autocast.
-                    with torch.autocast(gen.device.type, enabled=False):
-                        losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=key_stats, all_reduce=all_reduce,
-                                                      groups=groups, **self.drift_options)  # (sum of N_c L,)
-                    key_losses = [part.sum() / (total_classes * num_loc)
-                                  for part, num_loc in zip(losses.split(counts), locs)]
-                    if need_grad:
-                        outputs.append(sum(key_losses))
-                        output_grads.append(None)  # a scalar: d/d itself = 1
-                    for i, (key, key_loss) in enumerate(zip(keys, key_losses)):
-                        key_loss = key_loss.detach()
-                        total = key_loss if total is None else total + key_loss
-                        info[key] = {"loss": key_loss, **(run_info if groups is None else
-                                                          {name: v[i] for name, v in run_info.items()})}
-                if outputs:
-                    add_gradient(src, torch.autograd.grad(outputs, leaves[src], output_grads)[0])
+                    info[key] = {"loss": key_loss, **(run_info if groups is None else
+                                                      {name: v[i] for name, v in run_info.items()})}
+            if outputs:
+                add_gradient(src, torch.autograd.grad(outputs, leaves[src], output_grads)[0])
         if total is None:
             raise ValueError("FeatureDriftLoss: the feature configuration selects no keys")
-        info = {key: info[key] for key in order}  # the keys' order, whichever came from the statistics pass
-        if need_grad:
-            names = list(grads)
-            total = _WithGradients.apply(total, tuple(grads[k] for k in names), *(sources[k] for k in names))
-        return total, info
+        return total, {key: info[key] for key in order}, grads  # info in the keys' order, whichever were ready
+
+    def _graphed_key_losses(self, leaves, real_sources, b, ready, key_stats, total_classes, need_grad, group_keys):
+        """`_key_losses` replayed from a CUDA graph (`cuda_graph.GraphedFunction`): the sources, real sources, ready
+        losses and statistics are copied into the graph's inputs, and its ~900 launches per chunk cost one. Returns
+        the graph's own total and gradient buffers, which the next call overwrites (see `_TapGradients`)."""
+        if self._graph is None:
+            self._graph = GraphedFunction(self._graph_body, backend=self.graph_backend)
+        pending = self._pending_gradients() if self._pending_gradients is not None else None
+        if pending is not None and pending.grads is not None:  # the previous call's backward has not run yet
+            pending.grads = tuple(g.clone() for g in pending.grads)
+        with torch.set_grad_enabled(need_grad), record_function(RANGE_LOSS):
+            total, losses, grads, order = self._graph(leaves, real_sources, b._replace(gen=b.gen.detach()), ready,
+                                                      key_stats, total_classes, need_grad, group_keys)
+            losses = losses.clone().unbind()  # the graph's buffer is overwritten by the next call
+        info = {key: {"loss": loss, "scale": key_stats[key].scale, "drift_ms": key_stats[key].drift_ms}
+                for key, loss in zip(order, losses)}
+        return (total if need_grad else total.clone()), info, grads
+
+    def _graph_body(self, leaves, real_sources, b, ready, key_stats, total_classes, need_grad, group_keys):
+        """What the CUDA graph of a loss call runs: `_key_losses` with tensor outputs (the key order is static)."""
+        total, info, grads = self._key_losses(leaves, real_sources, b, ready, key_stats, total_classes, need_grad,
+                                              group_keys)
+        return total, torch.stack([v["loss"] for v in info.values()]), grads, tuple(info)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Exact global statistics over class chunks and processes
@@ -595,6 +654,15 @@ def _check_batch(b: ClassBatch) -> ClassBatch:
     return b._replace(num_classes=n_c)
 
 
+class _TapGradients:
+    """The tap gradients of one loss call, until its backward takes them (a weak reference can follow them)."""
+
+    __slots__ = ("grads", "__weakref__")
+
+    def __init__(self, grads: tuple[Tensor, ...]):
+        self.grads = grads
+
+
 class _WithGradients(torch.autograd.Function):
     """Returns `value`; backward gives each input its precomputed gradient (of value) times the incoming gradient.
 
@@ -603,13 +671,13 @@ class _WithGradients(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value: Tensor, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
-        ctx.grads = grads
+    def forward(ctx, value: Tensor, tap_grads: _TapGradients, *inputs: Tensor) -> Tensor:
+        ctx.tap_grads = tap_grads
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if ctx.grads is None:
+        grads, ctx.tap_grads.grads = ctx.tap_grads.grads, None  # free the tap gradients as soon as they are used
+        if grads is None:
             raise RuntimeError("FeatureDriftLoss: backward through the same loss twice is not supported")
-        grads, ctx.grads = ctx.grads, None  # free the tap gradients as soon as they are used
         return (None, None, *(g * grad_out.to(g.dtype) for g in grads))

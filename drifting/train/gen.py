@@ -155,6 +155,11 @@ class TrainConfig:
     # for a latent MAE-256, the same loss to float rounding. On an H200 at the ablation size, the loss phase 0.35 s
     # shorter (eighth sitting); off by default (the reference's one call per key).
     loss_group_keys: bool = False
+    # With class chunks on CUDA: each chunk's keys and drifting losses (all of the loss call but the encoders)
+    # replayed from one CUDA graph (FeatureDriftLoss(..., cuda_graph=True)), captured at the first chunk: the same
+    # loss and gradient, the Python that launches ~900 kernels per chunk run once. Memory for the graph's copy of a
+    # chunk's taps and of one call's temporaries. Off by default.
+    loss_cuda_graph: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -233,6 +238,8 @@ class GenConfig:
         if t.stats_stacked_losses and t.stats_stack_below is None:
             raise ValueError("train.stats_stacked_losses: needs train.stats_stack_below (it computes the losses of "
                              "those stacked calls)")
+        if t.loss_cuda_graph and t.class_chunk is None:
+            raise ValueError("train.loss_cuda_graph: needs train.class_chunk (the graph is replayed over the chunks)")
         if t.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {t.strategy!r}")
         if not all(0 <= d < 1 for d in t.ema_decays):
@@ -344,6 +351,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     device = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     t = cfg.train
+    if t.loss_cuda_graph and device.type != "cuda":
+        raise ValueError(f"train.loss_cuda_graph: needs a CUDA device, got {device}")
     run_dir = Path(run_dir)
     data = load_training_data(cfg.data)
     num_classes, shape, labels = data.num_classes, data.shape, data.labels
@@ -476,7 +485,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 with autocast:
                     loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
                                            chunk=k,  # with stats_keep_features: the real taps of the stats pass
-                                           group_keys=t.loss_group_keys and stats is not None)
+                                           group_keys=t.loss_group_keys and stats is not None,
+                                           cuda_graph=t.loss_cuda_graph and stats is not None)
                 (loss * world).backward()  # DDP averages gradients over processes; the loss is a share of the sum
             total = loss.detach() if total is None else total + loss.detach()  # read only when logged
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -1,0 +1,120 @@
+"""The loss calls replayed from a CUDA graph (`cuda_graph.py`, `FeatureDriftLoss(cuda_graph=True)`).
+
+On CPU the graph is emulated (`backend="eager"`: the function re-run on the static inputs, its outputs copied into
+the first run's): what is checked there is the caller's side of the contract, that every input reaches the graph
+through its static copies and that no output is read after the next call has overwritten it. The GPU test replays a
+real graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drifting.cuda_graph import GraphedFunction
+from drifting.feature_loss import ClassBatch, FeatureDriftLoss
+from test_feature_loss import C_G, chunk_of, make_encoder, make_inputs
+
+SPANS = [(0, 2), (2, 4)]  # two chunks of two classes: the same shapes, so one graph serves both
+
+
+def test_graphed_function_reads_its_inputs_through_static_copies_and_recaptures_on_a_new_signature():
+    seen = []
+
+    def fn(x, pair, scale):
+        seen.append(x)
+        return {"y": x * pair[0] + pair[1] * scale, "scale": scale}
+
+    graphed = GraphedFunction(fn, backend="eager")
+    a, b = torch.randn(3, 2), torch.randn(3, 2)
+    out = graphed(a, (b, torch.ones(())), 2.0)
+    torch.testing.assert_close(out["y"], a * b + 2.0, rtol=0, atol=0)
+    assert out["scale"] == 2.0 and graphed.captures == 1
+    first = out["y"]
+    out = graphed(b, (a, torch.zeros(())), 2.0)  # same signature: replayed into the same output buffer
+    assert graphed.captures == 1 and out["y"] is first
+    torch.testing.assert_close(out["y"], a * b, rtol=0, atol=0)
+    assert all(x is seen[0] for x in seen)  # fn only ever saw the static copy, never the caller's tensors
+    graphed(b, (a, torch.zeros(())), 3.0)  # a plain value changed
+    graphed(torch.randn(4, 2), (a[:1], torch.zeros(())), 3.0)  # a shape changed
+    graphed(b.t(), (a.t(), torch.zeros(())), 3.0)  # a stride changed
+    assert graphed.captures == 4
+    with torch.no_grad():
+        graphed(b.t(), (a.t(), torch.zeros(())), 3.0)  # grad mode is part of the signature
+    assert graphed.captures == 5
+    with pytest.raises(ValueError, match="backend"):
+        GraphedFunction(fn, backend="triton")
+
+
+def step(fdl, inputs, cuda_graph, backward_late=False, group_keys=False, **stats_options):
+    """The trainer's chunked step; backward_late: every chunk's backward after all the loss calls (the tap gradients
+    of a graphed call must survive the next call)."""
+    gen, pos, neg, w = inputs
+    stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS], **stats_options)
+    leaf, losses, infos = gen.clone().requires_grad_(), [], []
+    for k, (lo, hi) in enumerate(SPANS):
+        loss, info = fdl(leaf[lo * C_G:hi * C_G], *chunk_of(gen, pos, neg, w, lo, hi)[1:], stats=stats, chunk=k,
+                         group_keys=group_keys, cuda_graph=cuda_graph)
+        if not backward_late:
+            loss.backward()
+        losses.append(loss)
+        infos.append(info)
+    if backward_late:
+        sum(losses).backward()
+    return [v.detach() for v in losses], infos, leaf.grad
+
+
+def assert_same_step(got, expected, rtol=0.0, atol=0.0) -> None:
+    """Equal losses, infos and gradient (bit for bit by default)."""
+    for loss, ref in zip(got[0], expected[0]):
+        torch.testing.assert_close(loss, ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got[2], expected[2], rtol=rtol, atol=atol)
+    for info, ref_info in zip(got[1], expected[1]):
+        assert list(info) == list(ref_info)
+        for key, entry in ref_info.items():
+            for name in ("loss", "scale", "drift_ms"):
+                torch.testing.assert_close(info[key][name], entry[name], rtol=rtol, atol=atol, msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(keep_sources=True, stack_below=8, stacked_losses=True),
+                                     dict(keep_sources=True, stack_below=8, stacked_losses=True, group_keys=True)])
+def test_graphed_loss_calls_equal_the_eager_ones(options):
+    fdl = FeatureDriftLoss(make_encoder(), check_finite=False)
+    fdl.graph_backend = "eager"
+    group_keys = options.pop("group_keys", False)
+    expected = step(fdl, make_inputs(), False, group_keys=group_keys, **options)
+    for seed in (1, 2):  # the second step replays the graph of the first on new samples and statistics
+        inputs = make_inputs(seed)
+        expected = step(fdl, inputs, False, group_keys=group_keys, **options)
+        assert_same_step(step(fdl, inputs, True, group_keys=group_keys, **options), expected)
+        assert_same_step(step(fdl, inputs, True, backward_late=True, group_keys=group_keys, **options), expected)
+    assert fdl._graph.captures == 1
+
+
+def test_graphed_loss_calls_need_statistics_and_no_finiteness_check():
+    gen, pos, neg, w = make_inputs()
+    fdl = FeatureDriftLoss(make_encoder(), check_finite=False)
+    with pytest.raises(ValueError, match="cuda_graph: needs stats"):
+        fdl(gen, pos, neg, w, cuda_graph=True)
+    stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS])
+    with pytest.raises(ValueError, match="cuda_graph: needs CUDA"):
+        fdl(*chunk_of(gen, pos, neg, w, 0, 2), stats=stats, chunk=0, cuda_graph=True)
+    checked = FeatureDriftLoss(make_encoder())
+    with pytest.raises(ValueError, match="check_finite"):
+        checked(*chunk_of(gen, pos, neg, w, 0, 2), stats=stats, chunk=0, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_calls_replayed_from_a_cuda_graph_equal_the_eager_ones_on_the_gpu():
+    torch.manual_seed(0)
+    fdl = FeatureDriftLoss(make_encoder().float().cuda(), check_finite=False)
+    options = dict(keep_sources=True, stack_below=8, stacked_losses=True, fused_min_problems=1)
+    for seed in (1, 2):
+        inputs = [t.float().cuda() for t in make_inputs(seed)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = step(fdl, inputs, False, group_keys=True, **options)
+            # the same kernels on the same inputs; a tolerance of float rounding in case a kernel adds atomically
+            assert_same_step(step(fdl, inputs, True, group_keys=True, **options), expected, rtol=1e-6, atol=1e-9)
+            assert_same_step(step(fdl, inputs, True, backward_late=True, group_keys=True, **options), expected,
+                             rtol=1e-6, atol=1e-9)
+    assert fdl._graph.captures == 1
