@@ -123,11 +123,11 @@ def main() -> None:
     rank, world = dist.rank(), dist.world_size()
     cuda = device.type == "cuda"
     overrides = list(args.overrides)
+    if args.class_chunk:
+        overrides.append(f"train.class_chunk={args.class_chunk}")
     base = load_config(GenConfig, args.preset, [*overrides, "data.path=unused"])
     if base.loss.encoder is not None and base.loss.encoder_weights is None:
         overrides.append("loss.encoder_weights=random")  # the weights do not change the cost
-    if args.class_chunk:
-        overrides.append(f"train.class_chunk={args.class_chunk}")
     cfg = load_config(GenConfig, args.preset, [*overrides, "data.path=unused"])
     t = cfg.train
     preset = GENERATORS[cfg.model.generator]
