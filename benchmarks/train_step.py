@@ -232,7 +232,7 @@ def main() -> None:
                     stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
                                          group_keys=t.stats_group_keys, fused_min_problems=t.stats_fused_min_problems,
                                          compiled=t.stats_compiled, stack_below=t.stats_stack_below,
-                                         stacked_losses=t.stats_stacked_losses)
+                                         stacked_losses=t.stats_stacked_losses, cuda_graph=t.stats_cuda_graph)
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):

@@ -141,11 +141,12 @@ class FeatureDriftLoss:
         # Under autocast, tap encoders' maps in the autocast dtype (see _sources); False: as the encoder gives them.
         self.taps_in_autocast_dtype = True
         self.num_temperatures = len(tuple(drift_options.get("temperatures", (0.02, 0.05, 0.2))))
-        # __call__(cuda_graph=True): the graph (captured at the first such call) and a weak reference to the tap
+        # __call__(cuda_graph=True): its graph (captured at the first such call) and a weak reference to the tap
         # gradients of the last graphed call, which live in the graph's buffers until the next replay.
         # graph_backend "eager": the graph emulated by re-running (`cuda_graph.GraphedFunction`), for CPU tests.
         self.graph_backend = "cuda"
         self._graph: GraphedFunction | None = None
+        self._stats_graph: GraphedFunction | None = None  # stats(cuda_graph=True)
         self._pending_gradients: weakref.ref | None = None
 
     def compile_encoders(self, **options) -> None:
@@ -294,10 +295,7 @@ class FeatureDriftLoss:
         if cuda_graph:
             if stats is None:
                 raise ValueError("cuda_graph: needs stats (a graph is replayed over the chunks of a step)")
-            if self.drift_options.get("check_finite", True):
-                raise ValueError("cuda_graph: needs the drift option check_finite=False (its check syncs the host)")
-            if self.graph_backend == "cuda" and gen.device.type != "cuda":
-                raise ValueError(f"cuda_graph: needs CUDA tensors, got gen on {gen.device}")
+            self._check_graphable(gen)
         need_grad = torch.is_grad_enabled() and gen.requires_grad
         if chunk is not None and stats is not None and stats.real_sources is not None:
             if not 0 <= chunk < len(stats.real_sources):
@@ -446,7 +444,8 @@ class FeatureDriftLoss:
     def stats(self, batches: Sequence[ClassBatch], *, all_reduce: AllReduce | None = None,
               keep_sources: bool = False, group_keys: bool = False,
               fused_min_problems: int | None = None, compiled: bool = False,
-              stack_below: int | None = None, stacked_losses: bool = False) -> FeatureStats:
+              stack_below: int | None = None, stacked_losses: bool = False,
+              cuda_graph: bool = False) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
         Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
@@ -474,6 +473,12 @@ class FeatureDriftLoss:
         calling `drift_loss` on them again: it only carries their gradient back through the key to the tap. The same
         loss and gradient to float rounding, computed at the features of `batches` (the loss call's generated
         samples must be the same, as for the statistics).
+        cuda_graph: the whole computation (encoders included) replayed from one CUDA graph, captured at the first
+        call and again whenever a shape, dtype or option changes: the same statistics, the host's launches of some
+        thousands of kernels per step replaced by one. The kept real taps and losses (keep_sources, stacked_losses)
+        are then the graph's buffers, valid until the next call (the loss calls of the step read them); the key
+        statistics are copies. One process only (no all_reduce), check_finite=False, and memory: the graph keeps
+        its peak, the generated samples' taps of every batch included, reserved for its replays.
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
@@ -486,6 +491,16 @@ class FeatureDriftLoss:
             raise ValueError(f"stack_below: expected None or an integer >= 1, got {stack_below!r}")
         if stacked_losses and stack_below is None:
             raise ValueError("stacked_losses: needs stack_below (the losses precomputed are those of the stacked calls)")
+        if cuda_graph:
+            self._check_graphable(batches[0].gen)
+            if all_reduce is not None:
+                raise ValueError("cuda_graph: statistics of one process only (their collectives are not captured)")
+            if self._stats_graph is None:
+                self._stats_graph = GraphedFunction(self._graph_stats_body, backend=self.graph_backend)
+            stats, scales, drift_ms = self._stats_graph(batches, keep_sources, group_keys, fused_min_problems,
+                                                        compiled, stack_below, stacked_losses)
+            scales, drift_ms = scales.clone(), drift_ms.clone()  # the graph's buffers are overwritten by the next call
+            return stats._replace(keys={k: DriftStats(s, m) for k, s, m in zip(stats.keys, scales, drift_ms)})
         # The partial sums run the reference math unless impl="fused" or fused_min_problems asks for the kernel:
         # with the kernel's first fp32 tiles it was the slower path (3.0 s of passes 1-2 per step against 1.9 s).
         # With the fp32 tiles of 32 the math alone turned (one 4-class chunk, 86 keys, H200: 98 ms on the kernel, 193
@@ -537,6 +552,22 @@ class FeatureDriftLoss:
         key_stats = {k: DriftStats.from_sums(s, q) for k, s, q in zip(keys, global_scale_sums.values(), packed)}
         return FeatureStats(key_stats, num_classes, None if sources is None else tuple(real for _, real in sources),
                             None if held is None else self._stacked_losses(held, key_stats, len(batches)))
+
+    def _graph_stats_body(self, batches, keep_sources, group_keys, fused_min_problems, compiled, stack_below,
+                          stacked_losses):
+        """What the CUDA graph of `stats` runs: the statistics, and every key's stacked (to be copied in one go)."""
+        stats = self.stats(batches, keep_sources=keep_sources, group_keys=group_keys,
+                           fused_min_problems=fused_min_problems, compiled=compiled, stack_below=stack_below,
+                           stacked_losses=stacked_losses)
+        return (stats, torch.stack([s.scale for s in stats.keys.values()]),
+                torch.stack([s.drift_ms for s in stats.keys.values()]))
+
+    def _check_graphable(self, gen: Tensor) -> None:
+        """The conditions of cuda_graph=True (stats and loss calls)."""
+        if self.drift_options.get("check_finite", True):
+            raise ValueError("cuda_graph: needs the drift option check_finite=False (its check syncs the host)")
+        if self.graph_backend == "cuda" and gen.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs CUDA tensors, got gen on {gen.device}")
 
     def _stacked_losses(self, held, key_stats: dict[str, DriftStats], num_batches: int):
         """Per batch, key -> (losses, gradient of their sum) of the stacked calls `held` of pass 2: (keys, batch

@@ -1,4 +1,5 @@
-"""The loss calls replayed from a CUDA graph (`cuda_graph.py`, `FeatureDriftLoss(cuda_graph=True)`).
+"""The loss calls and statistics replayed from CUDA graphs (`cuda_graph.py`, `FeatureDriftLoss(cuda_graph=True)`,
+`FeatureDriftLoss.stats(cuda_graph=True)`).
 
 On CPU the graph is emulated (`backend="eager"`: the function re-run on the static inputs, its outputs copied into
 the first run's): what is checked there is the caller's side of the contract, that every input reaches the graph
@@ -45,11 +46,12 @@ def test_graphed_function_reads_its_inputs_through_static_copies_and_recaptures_
         GraphedFunction(fn, backend="triton")
 
 
-def step(fdl, inputs, cuda_graph, backward_late=False, group_keys=False, **stats_options):
-    """The trainer's chunked step; backward_late: every chunk's backward after all the loss calls (the tap gradients
-    of a graphed call must survive the next call)."""
+def step(fdl, inputs, cuda_graph, backward_late=False, group_keys=False, stats_graph=False, **stats_options):
+    """The trainer's chunked step; cuda_graph: the loss calls graphed; stats_graph: the statistics; backward_late:
+    every chunk's backward after all the loss calls (the tap gradients of a graphed call must survive the next)."""
     gen, pos, neg, w = inputs
-    stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS], **stats_options)
+    stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS], cuda_graph=stats_graph,
+                      **stats_options)
     leaf, losses, infos = gen.clone().requires_grad_(), [], []
     for k, (lo, hi) in enumerate(SPANS):
         loss, info = fdl(leaf[lo * C_G:hi * C_G], *chunk_of(gen, pos, neg, w, lo, hi)[1:], stats=stats, chunk=k,
@@ -90,6 +92,26 @@ def test_graphed_loss_calls_equal_the_eager_ones(options):
     assert fdl._graph.captures == 1
 
 
+@pytest.mark.parametrize("loss_graph", [False, True])
+def test_graphed_statistics_equal_the_eager_ones(loss_graph):
+    fdl = FeatureDriftLoss(make_encoder(), check_finite=False)
+    fdl.graph_backend = "eager"
+    options = dict(keep_sources=True, stack_below=8, stacked_losses=True)
+    for seed in (1, 2):  # the second step replays the first one's graph of the statistics on new samples
+        inputs = make_inputs(seed)
+        expected = step(fdl, inputs, False, **options)
+        assert_same_step(step(fdl, inputs, loss_graph, stats_graph=True, **options), expected)
+    assert fdl._stats_graph.captures == 1
+    gen, pos, neg, w = make_inputs()
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS]
+    stats = fdl.stats(batches, cuda_graph=True, **options)
+    scale = stats.keys["conv1"].scale.clone()
+    fdl.stats([b._replace(gen=b.gen * 2) for b in batches], cuda_graph=True, **options)
+    assert torch.equal(stats.keys["conv1"].scale, scale)  # the key statistics are copies, not the graph's buffers
+    with pytest.raises(ValueError, match="cuda_graph: statistics of one process"):
+        fdl.stats(batches, cuda_graph=True, all_reduce=lambda t: t)
+
+
 def test_graphed_loss_calls_need_statistics_and_no_finiteness_check():
     gen, pos, neg, w = make_inputs()
     fdl = FeatureDriftLoss(make_encoder(), check_finite=False)
@@ -98,6 +120,8 @@ def test_graphed_loss_calls_need_statistics_and_no_finiteness_check():
     stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS])
     with pytest.raises(ValueError, match="cuda_graph: needs CUDA"):
         fdl(*chunk_of(gen, pos, neg, w, 0, 2), stats=stats, chunk=0, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph: needs CUDA"):
+        fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS], cuda_graph=True)
     checked = FeatureDriftLoss(make_encoder())
     with pytest.raises(ValueError, match="check_finite"):
         checked(*chunk_of(gen, pos, neg, w, 0, 2), stats=stats, chunk=0, cuda_graph=True)
@@ -117,4 +141,6 @@ def test_loss_calls_replayed_from_a_cuda_graph_equal_the_eager_ones_on_the_gpu()
             assert_same_step(step(fdl, inputs, True, group_keys=True, **options), expected, rtol=1e-6, atol=1e-9)
             assert_same_step(step(fdl, inputs, True, backward_late=True, group_keys=True, **options), expected,
                              rtol=1e-6, atol=1e-9)
-    assert fdl._graph.captures == 1
+            assert_same_step(step(fdl, inputs, True, group_keys=True, stats_graph=True, **options), expected,
+                             rtol=1e-6, atol=1e-9)
+    assert fdl._graph.captures == 1 and fdl._stats_graph.captures == 1

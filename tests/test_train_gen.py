@@ -140,6 +140,7 @@ def test_fsdp_processes_give_the_same_run_as_one_and_resume(tmp_path):
         (dict(classes=5), "train.classes"),  # more classes per step than the data has
         (dict(class_chunk=3), "train.class_chunk"),  # 3 does not divide 4
         (dict(class_chunk=2, loss_cuda_graph=True), "train.loss_cuda_graph: needs a CUDA device"),
+        (dict(class_chunk=2, stats_cuda_graph=True), "train.stats_cuda_graph: needs a CUDA device"),
     ],
 )
 def test_bad_configuration_fails_at_start(tmp_path, change, message):
@@ -163,6 +164,8 @@ def test_config_errors_name_the_field():
         with_train(TINY, stats_stacked_losses=True)  # without stats_stack_below
     with pytest.raises(ValueError, match="train.loss_cuda_graph"):
         with_train(TINY, loss_cuda_graph=True)  # without class_chunk
+    with pytest.raises(ValueError, match="train.stats_cuda_graph"):
+        with_train(TINY, stats_cuda_graph=True)  # without class_chunk
     with pytest.raises(FileNotFoundError):
         main(replace(TINY, data=DataConfig(dataset="mnist", path="/nonexistent/mnist.npz")), "/tmp/unused-run")
 

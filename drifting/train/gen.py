@@ -160,6 +160,10 @@ class TrainConfig:
     # loss and gradient, the Python that launches ~900 kernels per chunk run once. Memory for the graph's copy of a
     # chunk's taps and of one call's temporaries. Off by default.
     loss_cuda_graph: bool = False
+    # With class chunks on one CUDA process: the statistics pass's encoders and key math replayed from one CUDA graph
+    # (FeatureDriftLoss.stats(..., cuda_graph=True)): the same statistics, the host's launches of some thousands of
+    # kernels per step made once. Memory: the graph keeps its peak (every chunk's generated taps) reserved.
+    stats_cuda_graph: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -240,6 +244,8 @@ class GenConfig:
                              "those stacked calls)")
         if t.loss_cuda_graph and t.class_chunk is None:
             raise ValueError("train.loss_cuda_graph: needs train.class_chunk (the graph is replayed over the chunks)")
+        if t.stats_cuda_graph and t.class_chunk is None:
+            raise ValueError("train.stats_cuda_graph: needs train.class_chunk (there are no statistics without chunks)")
         if t.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {t.strategy!r}")
         if not all(0 <= d < 1 for d in t.ema_decays):
@@ -351,8 +357,12 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
     device = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     t = cfg.train
-    if t.loss_cuda_graph and device.type != "cuda":
-        raise ValueError(f"train.loss_cuda_graph: needs a CUDA device, got {device}")
+    for name in ("loss_cuda_graph", "stats_cuda_graph"):
+        if getattr(t, name) and device.type != "cuda":
+            raise ValueError(f"train.{name}: needs a CUDA device, got {device}")
+    if t.stats_cuda_graph and world > 1:
+        raise ValueError(f"train.stats_cuda_graph: one process only (the statistics' collectives are not captured), "
+                         f"got {world}")
     run_dir = Path(run_dir)
     data = load_training_data(cfg.data)
     num_classes, shape, labels = data.num_classes, data.shape, data.labels
@@ -472,7 +482,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                                             group_keys=t.stats_group_keys,
                                             fused_min_problems=t.stats_fused_min_problems,
                                             compiled=t.stats_compiled, stack_below=t.stats_stack_below,
-                                            stacked_losses=t.stats_stacked_losses)
+                                            stacked_losses=t.stats_stacked_losses, cuda_graph=t.stats_cuda_graph)
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
