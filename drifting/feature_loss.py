@@ -555,7 +555,8 @@ class FeatureDriftLoss:
 
     def _graph_stats_body(self, batches, keep_sources, group_keys, fused_min_problems, compiled, stack_below,
                           stacked_losses):
-        """What the CUDA graph of `stats` runs: the statistics, and every key's stacked (to be copied in one go)."""
+        """What the CUDA graph of `stats` runs: the statistics, and the keys' scales and drift_ms each stacked into
+        one tensor (copied out of the graph's buffers in two copies, not two per key)."""
         stats = self.stats(batches, keep_sources=keep_sources, group_keys=group_keys,
                            fused_min_problems=fused_min_problems, compiled=compiled, stack_below=stack_below,
                            stacked_losses=stacked_losses)
