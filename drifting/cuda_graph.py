@@ -10,7 +10,7 @@ requires_grad, every plain value, grad mode and autocast state) allocates static
 them once eagerly (lazy initialisations, Triton compilations) and captures a graph of fn on them; every call then
 copies its tensors into the static copies and replays. What fn does must therefore depend on the signature only,
 never on tensor values read on the host (a sync inside a capture is an error), and fn must not keep state between
-calls. The returned tree holds the graph's own output tensors: the next call overwrites them, so a caller that keeps
+calls; what it reads besides its arguments (options, weights) must not change, or be passed as an argument too. The returned tree holds the graph's own output tensors: the next call overwrites them, so a caller that keeps
 an output past the next call clones it. Plain values in the output are those of the capture.
 
 `backend="eager"` replays by running fn again and copying its outputs into those of the first run: the same contract
@@ -62,9 +62,13 @@ class GraphedFunction:
         if self.backend == "cuda":
             self._graph.replay()
         else:
-            fresh = pytree.tree_leaves(self.fn(*self._static_args))
+            fresh, fresh_spec = pytree.tree_flatten(self.fn(*self._static_args))
+            outputs, spec = pytree.tree_flatten(self._outputs)
+            if fresh_spec != spec or any(not isinstance(o, Tensor) and o != f for o, f in zip(outputs, fresh)):
+                raise RuntimeError("GraphedFunction: fn's output changed between calls of one signature (it depends "
+                                   "on more than its arguments' signature, which a CUDA graph would not see)")
             with torch.no_grad():
-                for out, new in zip(pytree.tree_leaves(self._outputs), fresh):
+                for out, new in zip(outputs, fresh):
                     if isinstance(out, Tensor):
                         out.copy_(new)
         return self._outputs

@@ -424,14 +424,16 @@ class FeatureDriftLoss:
             pending.grads = tuple(g.clone() for g in pending.grads)
         with torch.set_grad_enabled(need_grad), record_function(RANGE_LOSS):
             total, losses, grads, order = self._graph(leaves, real_sources, b._replace(gen=b.gen.detach()), ready,
-                                                      key_stats, total_classes, need_grad, group_keys)
+                                                      key_stats, total_classes, need_grad, group_keys,
+                                                      self._graph_state())
             losses = losses.clone().unbind()  # the graph's buffer is overwritten by the next call
         info = {key: {"loss": loss, "scale": key_stats[key].scale, "drift_ms": key_stats[key].drift_ms}
                 for key, loss in zip(order, losses)}
         return (total if need_grad else total.clone()), info, grads
 
-    def _graph_body(self, leaves, real_sources, b, ready, key_stats, total_classes, need_grad, group_keys):
-        """What the CUDA graph of a loss call runs: `_key_losses` with tensor outputs (the key order is static)."""
+    def _graph_body(self, leaves, real_sources, b, ready, key_stats, total_classes, need_grad, group_keys, _state):
+        """What the CUDA graph of a loss call runs: `_key_losses` with tensor outputs (the key order is static).
+        _state: `_graph_state()`, unused here: an argument so that a change of it makes a new graph."""
         total, info, grads = self._key_losses(leaves, real_sources, b, ready, key_stats, total_classes, need_grad,
                                               group_keys)
         return total, torch.stack([v["loss"] for v in info.values()]), grads, tuple(info)
@@ -498,7 +500,8 @@ class FeatureDriftLoss:
             if self._stats_graph is None:
                 self._stats_graph = GraphedFunction(self._graph_stats_body, backend=self.graph_backend)
             stats, scales, drift_ms = self._stats_graph(batches, keep_sources, group_keys, fused_min_problems,
-                                                        compiled, stack_below, stacked_losses)
+                                                        compiled, stack_below, stacked_losses,
+                                                        self._graph_state(encoders=True))
             scales, drift_ms = scales.clone(), drift_ms.clone()  # the graph's buffers are overwritten by the next call
             return stats._replace(keys={k: DriftStats(s, m) for k, s, m in zip(stats.keys, scales, drift_ms)})
         # The partial sums run the reference math unless impl="fused" or fused_min_problems asks for the kernel:
@@ -554,7 +557,7 @@ class FeatureDriftLoss:
                             None if held is None else self._stacked_losses(held, key_stats, len(batches)))
 
     def _graph_stats_body(self, batches, keep_sources, group_keys, fused_min_problems, compiled, stack_below,
-                          stacked_losses):
+                          stacked_losses, _state):
         """What the CUDA graph of `stats` runs: the statistics, and the keys' scales and drift_ms each stacked into
         one tensor (copied out of the graph's buffers in two copies, not two per key)."""
         stats = self.stats(batches, keep_sources=keep_sources, group_keys=group_keys,
@@ -562,6 +565,19 @@ class FeatureDriftLoss:
                            stacked_losses=stacked_losses)
         return (stats, torch.stack([s.scale for s in stats.keys.values()]),
                 torch.stack([s.drift_ms for s in stats.keys.values()]))
+
+    def _graph_state(self, encoders: bool = False) -> tuple:
+        """What a graph of this loss reads from `self`: its options and, with encoders, each encoder's parameters and
+        buffers (where they lie) and whether its taps are compiled. Given to the graph as an argument, so that a change
+        captures a new graph instead of replaying the old options' kernels or reading moved weights."""
+        options = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                               for k, v in self.drift_options.items()))
+        state = (options, self.features, self.fused_keys, self.fused_layout, self.taps_in_autocast_dtype)
+        if encoders:
+            state += tuple((id(e), type(e.taps).__name__ if hasattr(e, "taps") else None,
+                            tuple(t.data_ptr() for t in itertools.chain(e.parameters(), e.buffers())))
+                           for e in self.encoders)
+        return state
 
     def _check_graphable(self, gen: Tensor) -> None:
         """The conditions of cuda_graph=True (stats and loss calls)."""

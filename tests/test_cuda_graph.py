@@ -37,13 +37,29 @@ def test_graphed_function_reads_its_inputs_through_static_copies_and_recaptures_
     assert all(x is seen[0] for x in seen)  # fn only ever saw the static copy, never the caller's tensors
     graphed(b, (a, torch.zeros(())), 3.0)  # a plain value changed
     graphed(torch.randn(4, 2), (a[:1], torch.zeros(())), 3.0)  # a shape changed
-    graphed(b.t(), (a.t(), torch.zeros(())), 3.0)  # a stride changed
-    assert graphed.captures == 4
-    with torch.no_grad():
-        graphed(b.t(), (a.t(), torch.zeros(())), 3.0)  # grad mode is part of the signature
+    square = torch.randn(2, 2)
+    graphed(square, (square, torch.zeros(())), 3.0)
+    graphed(square.t(), (square, torch.zeros(())), 3.0)  # only a stride changed
     assert graphed.captures == 5
+    with torch.no_grad():
+        graphed(square.t(), (square, torch.zeros(())), 3.0)  # grad mode is part of the signature
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphed(square.t(), (square, torch.zeros(())), 3.0)  # and autocast
+    assert graphed.captures == 7
     with pytest.raises(ValueError, match="backend"):
         GraphedFunction(fn, backend="triton")
+
+
+def test_the_emulated_graph_rejects_a_function_whose_output_depends_on_more_than_its_arguments():
+    calls = []
+
+    def fn(x):  # reads state that is not an argument: its second call returns another structure
+        calls.append(1)
+        return (x * 2,) * len(calls)
+
+    graphed = GraphedFunction(fn, backend="eager")
+    with pytest.raises(RuntimeError, match="changed between calls"):
+        graphed(torch.ones(2))
 
 
 def step(fdl, inputs, cuda_graph, backward_late=False, group_keys=False, stats_graph=False, **stats_options):
@@ -110,6 +126,28 @@ def test_graphed_statistics_equal_the_eager_ones(loss_graph):
     assert torch.equal(stats.keys["conv1"].scale, scale)  # the key statistics are copies, not the graph's buffers
     with pytest.raises(ValueError, match="cuda_graph: statistics of one process"):
         fdl.stats(batches, cuda_graph=True, all_reduce=lambda t: t)
+
+
+def test_graphed_loss_calls_without_gradient_and_after_an_option_changed():
+    fdl = FeatureDriftLoss(make_encoder(), check_finite=False)
+    fdl.graph_backend = "eager"
+    gen, pos, neg, w = make_inputs()
+    stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in SPANS])
+    with torch.no_grad():
+        expected = [fdl(*chunk_of(gen, pos, neg, w, lo, hi), stats=stats, chunk=k) for k, (lo, hi) in enumerate(SPANS)]
+        got = [fdl(*chunk_of(gen, pos, neg, w, lo, hi), stats=stats, chunk=k, cuda_graph=True)
+               for k, (lo, hi) in enumerate(SPANS)]
+    for (loss, info), (ref, ref_info) in zip(got, expected):  # the first call's values survive the second call
+        torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+        for key, entry in ref_info.items():
+            torch.testing.assert_close(info[key]["loss"], entry["loss"], rtol=0, atol=0)
+    assert fdl._graph.captures == 1
+    fdl.drift_options = {**fdl.drift_options, "attraction": 2.0}  # an option the graph reads from the loss
+    with torch.no_grad():
+        loss, _ = fdl(*chunk_of(gen, pos, neg, w, 0, 2), stats=stats, chunk=0, cuda_graph=True)
+        ref, _ = fdl(*chunk_of(gen, pos, neg, w, 0, 2), stats=stats, chunk=0)
+    assert fdl._graph.captures == 2
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
 
 
 def test_graphed_loss_calls_need_statistics_and_no_finiteness_check():

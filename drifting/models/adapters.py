@@ -51,6 +51,19 @@ STD_EPS = 1e-6  # under the square root of the spatial variance, as features.py 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_IMAGENET_STATS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _imagenet_stats(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """ImageNet's mean and std [1, 3, 1, 1] on the device, made once: a copy from host numbers at every call waits for
+    the GPU's queue, and is an error inside a CUDA graph capture (`FeatureDriftLoss.stats(cuda_graph=True)`)."""
+    key = (device, dtype)
+    if key not in _IMAGENET_STATS:
+        _IMAGENET_STATS[key] = tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1)
+                                     for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _IMAGENET_STATS[key]
+
+
 def imagenet_input(x: Tensor, size: int | None = None) -> Tensor:
     """Generator images x [N, 3, H, W] in [-1, 1] -> ImageNet-normalised [N, 3, size, size] (or H x W if size None).
 
@@ -62,8 +75,7 @@ def imagenet_input(x: Tensor, size: int | None = None) -> Tensor:
     """
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"expected RGB images [N, 3, H, W] in [-1, 1], got {tuple(x.shape)}")
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(x.device, x.dtype)
     x = ((x + 1) / 2 - mean) / std
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
