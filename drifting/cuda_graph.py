@@ -55,10 +55,13 @@ class GraphedFunction:
     def __call__(self, *args: Any) -> Any:
         flat, spec = pytree.tree_flatten(args)
         signature = (spec, tuple(_describe(v) for v in flat), torch.is_grad_enabled(), _autocast_state())
-        if signature != self.signature:
-            self._capture(flat, spec)
-            self.signature = signature
+        new = signature != self.signature
+        if new:
+            self._allocate(flat, spec)
         self._copy_in(flat)
+        if new:
+            self._capture()
+            self.signature = signature
         if self.backend == "cuda":
             self._graph.replay()
         else:
@@ -79,14 +82,16 @@ class GraphedFunction:
             with torch.no_grad():
                 torch._foreach_copy_(self._static, src)  # grouped by dtype and device into a few launches
 
-    def _capture(self, flat: list, spec) -> None:
-        # free the previous graph's pool and buffers first
+    def _allocate(self, flat: list, spec) -> None:
+        """Static copies of the tensors of `flat` (tree `spec`), the previous graph's pool and buffers freed first."""
         self.signature = self._graph = self._outputs = self._static_args = None
-        self._static = []
+        self._static = []  # (the old copies go before the new ones are made)
         self._static = [torch.empty_like(v).requires_grad_(v.requires_grad) for v in flat if isinstance(v, Tensor)]
         it = iter(self._static)
         self._static_args = pytree.tree_unflatten([next(it) if isinstance(v, Tensor) else v for v in flat], spec)
-        self._copy_in(flat)
+
+    def _capture(self) -> None:
+        """Warm up fn on the static inputs (holding this call's values) and capture its graph."""
         # Autocast caches its casts of leaf tensors that require grad (the static inputs may be such leaves) until
         # its outermost context exits: a cast cached by the warm-up would be read, not recomputed, by the graph.
         with contextlib.ExitStack() as stack:

@@ -55,7 +55,8 @@ NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # maxnreg = a cap on registers per thread (0: the compiler's choice, 255 here). Every pass but the first uses all
 # 255, so an SM holds two programs of 4 warps; a cap of 168 (three) or 128 (four) trades occupancy for spills
 # (compiled for sm_90 at the 32x32 key: 255 registers spill 64-256 bytes per thread in passes 2-3, 168 spill
-# 416-704, 128 spill 592-1,008; `python benchmarks/kernel_resources.py --maxnreg N`). Not yet timed: opt-in.
+# 416-704, 128 spill 592-1,008; `python benchmarks/kernel_resources.py --maxnreg N`). Timed on an H200, slower at
+# every key (32x32: 28.6 ms uncapped, 33.0 at 168, 35.9 at 128; docs/benchmarks.md, twelfth sitting): opt-in.
 VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0)
 MAXNREG_CHOICES = (0, 128, 168, 192, 224)
 
