@@ -3,9 +3,12 @@ samples, as in the statistics pass) and its forward and backward to the input (t
 are frozen), under bf16 autocast as FeatureDriftLoss runs it (taps in bf16), eager or compiled as
 train.compile_encoder, with the encoder in NCHW or channels-last memory. To see where a channels-last encoder wins
 (no cuDNN layout conversions: 0.4 s of the step) and where it loses (the compiled GroupNorms: the tenth sitting's
-encoder forward went from 804 to 921 ms), with --profile the operators by GPU time.
+encoder forward went from 804 to 921 ms), with --profile the operators by GPU time. Compiled, the taps have static
+shapes (`compile_encoders`' default; inductor then lays out the convolutions channels-last itself); --dynamic gives
+torch.compile's automatic dynamic shapes instead.
 
     python benchmarks/encoder_step.py --compile
+    python benchmarks/encoder_step.py --compile --dynamic
     python benchmarks/encoder_step.py --compile --channels-last --profile encoder_cl_profile.txt
     python benchmarks/encoder_step.py --device cpu --encoder mae_tiny --classes 1 --iters 1   # smoke test
 """
@@ -26,9 +29,9 @@ from drifting.models.resnet_mae import resnet_maes
 def main() -> None:
     p = chunk_parser()  # --encoder, --classes, --device, --iters
     p.add_argument("--compile", action="store_true", help="torch.compile the taps, as train.compile_encoder=true")
-    p.add_argument("--static", action="store_true",
-                   help="with --compile: static shapes (dynamic=False), where inductor may lay out convolutions "
-                        "channels-last itself")
+    p.add_argument("--dynamic", action="store_true",
+                   help="with --compile: torch.compile's automatic dynamic shapes (the baseline of compile_encoders' "
+                        "static shapes, under which inductor lays out the convolutions channels-last)")
     p.add_argument("--channels-last", action="store_true", help="the encoder in channels-last memory")
     p.add_argument("--profile", help="also profile one call of each and write the operators by GPU time here")
     p.add_argument("--out", default=None)
@@ -42,10 +45,10 @@ def main() -> None:
     if args.channels_last:
         encoder.to(memory_format=torch.channels_last)
     loss = FeatureDriftLoss(encoder)  # frozen, eval; its taps in the autocast dtype, as in training
-    if args.static and not args.compile:
-        p.error("--static: expected --compile as well")
+    if args.dynamic and not args.compile:
+        p.error("--dynamic: expected --compile as well")
     if args.compile:
-        loss.compile_encoders(**({"dynamic": False} if args.static else {}))
+        loss.compile_encoders(**({"dynamic": None} if args.dynamic else {}))
     cfg = encoder.cfg
     g = torch.Generator(device=device).manual_seed(0)
     real = torch.randn(80 * args.classes, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
@@ -70,7 +73,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in taps.values()})
     layout = "channels-last" if args.channels_last else "NCHW"
-    print(f"{card}: {args.encoder}, {layout}, {('compiled, static' if args.static else 'compiled') if args.compile else 'eager'}, taps {'/'.join(dtypes)}")
+    print(f"{card}: {args.encoder}, {layout}, {('compiled, dynamic shapes' if args.dynamic else 'compiled') if args.compile else 'eager'}, taps {'/'.join(dtypes)}")
     print(f"forward, {real.shape[0]} real samples, no gradient      {real_ms:9.2f} ms")
     print(f"forward + backward, {gen.shape[0]} generated samples      {gen_ms:9.2f} ms")
     if args.profile:
@@ -85,7 +88,7 @@ def main() -> None:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "encoder": args.encoder, "classes": args.classes,
-                  "compile": args.compile, "static": args.static, "channels_last": args.channels_last, "taps_dtypes": dtypes,
+                  "compile": args.compile, "dynamic": args.dynamic, "channels_last": args.channels_last, "taps_dtypes": dtypes,
                   "real_forward_ms": real_ms, "gen_forward_backward_ms": gen_ms}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -110,10 +110,10 @@ def parse() -> argparse.Namespace:
                    help="the tap encoders' weights (and so their convolutions' outputs) in channels-last memory: no "
                         "NCHW <-> NHWC conversions around cuDNN's bf16 convolutions, and taps whose per-location "
                         "vectors are contiguous")
-    p.add_argument("--encoder-static", action="store_true",
-                   help="with train.compile_encoder=true: compile the encoders' taps for static shapes (one graph per "
-                        "batch size; inductor lays out convolutions channels-last only in graphs without dynamic "
-                        "shapes), not the default automatic dynamic shapes")
+    p.add_argument("--encoder-dynamic", action="store_true",
+                   help="with train.compile_encoder=true: the encoders' taps compiled with torch.compile's automatic "
+                        "dynamic shapes (the baseline of compile_encoders' static shapes, under which inductor lays "
+                        "out the convolutions channels-last)")
     p.add_argument("--kernel-variant", type=kernel_variant, default="",
                    help="drift_triton.VARIANT items for the fused loss, e.g. fp32_dot=tf32x3,fp32_block_s=64")
     return p.parse_args()
@@ -152,11 +152,11 @@ def main() -> None:
     train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
     if args.compile:
         train_model = torch.compile(train_model)
-    if args.encoder_static and not t.compile_encoder:
-        raise SystemExit("--encoder-static: expected train.compile_encoder=true (it sets how the encoders compile)")
-    loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder and not args.encoder_static)
-    if args.encoder_static:
-        loss_fn.compile_encoders(dynamic=False)
+    if args.encoder_dynamic and not t.compile_encoder:
+        raise SystemExit("--encoder-dynamic: expected train.compile_encoder=true (it sets how the encoders compile)")
+    loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder and not args.encoder_dynamic)
+    if args.encoder_dynamic:
+        loss_fn.compile_encoders(dynamic=None)  # torch.compile's default: static, then dynamic after a new shape
     if args.reference_keys:
         loss_fn.fused_keys = False
     if args.reference_layout:
@@ -372,7 +372,7 @@ def main() -> None:
         "compile": args.compile, "kernel_variant": args.kernel_variant,
         "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps,
         "rope_per_call": args.rope_per_call, "encoder_channels_last": args.encoder_channels_last,
-        "encoder_static": args.encoder_static,
+        "encoder_dynamic": args.encoder_dynamic,
         "reference_layout": args.reference_layout,
         "classes": t.classes, "class_chunk": chunk, "gen_per_class": t.gen_per_class,
         "real_encoded_in_loss_call": real_in_loss_call,

@@ -223,5 +223,8 @@ def test_graphs_with_the_pixel_encoders_equal_the_eager_calls_on_the_gpu():
                 total = total + loss.detach()
             out.append((total, gen.grad.clone()))
         torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-9)
+        # The gradient runs back through the encoders' convolutions (cuDNN, TF32 by default), which are not
+        # bitwise repeatable: two eager runs differ by up to 7e-7 of the largest entry on an H200, and the graphs
+        # by as much (docs/benchmarks.md, fourteenth sitting); 1e-5 of the largest entry is float rounding.
+        torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=1e-5 * out[0][1].abs().max().item())
     assert fdl._stats_graph.captures == 1 and fdl._graph.captures == 1

@@ -488,6 +488,17 @@ def test_a_tap_encoder_and_an_own_key_encoder_give_the_pixel_key_set_exactly_ove
     torch.testing.assert_close(grad_chunks, grad_whole, rtol=1e-8, atol=1e-12)
 
 
+def test_compiled_encoders_have_static_shapes_unless_told(monkeypatch):
+    """compile_encoders compiles with dynamic=False (inductor lays out convolutions channels-last only in graphs
+    without dynamic shapes: 15% faster encoder backward on an H200); an explicit option wins."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    fdl = FeatureDriftLoss(make_encoder())
+    fdl.compile_encoders()
+    fdl.compile_encoders(dynamic=None, mode="max-autotune")
+    assert seen == [{"dynamic": False}, {"dynamic": None, "mode": "max-autotune"}]
+
+
 @pytest.mark.slow  # torch.compile of the encoder on the CPU: ~1 minute
 def test_compiled_encoder_gives_the_same_loss_and_gradient():
     loss, info, grad = whole(FeatureDriftLoss(make_encoder()))
