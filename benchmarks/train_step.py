@@ -46,7 +46,7 @@ from drifting.models.dit import GENERATORS
 from drifting.models.generate import draw_inputs
 from drifting.train import dist
 from drifting.train.ema import ema_copy, ema_update
-from drifting.train.gen import GenConfig, build_loss, build_model, step_generator
+from drifting.train.gen import NOISE_PURPOSE, GenConfig, build_loss, build_model, step_generator
 from drifting.train.parallel import set_gradient_sync, wrap_model
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM)
@@ -213,7 +213,8 @@ def main() -> None:
         w = guidance_weight(alpha, t.gen_per_class, t.uncond_per_class)
         pos = queue.sample_positive(classes, t.pos_per_class, g_step)
         neg = queue.sample_unconditional(t.classes, t.uncond_per_class, g_step) if t.uncond_per_class else None
-        noise, style = draw_inputs(model, t.classes * t.gen_per_class, generator=g_step, device=device)
+        noise, style = draw_inputs(model, t.classes * t.gen_per_class, device=device,  # as the trainer
+                                   generator=step_generator(t.seed, step_index, NOISE_PURPOSE, device))
         classes_d, alpha_d, w_d = (x.to(device, non_blocking=True) for x in (classes, alpha, w))  # as the trainer
         mark("data")
 
