@@ -241,7 +241,8 @@ def main() -> None:
                     stats = loss_fn.stats(batches, all_reduce=reduce, keep_sources=t.stats_keep_features,
                                          group_keys=t.stats_group_keys, fused_min_problems=t.stats_fused_min_problems,
                                          compiled=t.stats_compiled, stack_below=t.stats_stack_below,
-                                         stacked_losses=t.stats_stacked_losses, cuda_graph=t.stats_cuda_graph)
+                                         stacked_losses=t.stats_stacked_losses, cuda_graph=t.stats_cuda_graph,
+                                         total_classes=t.classes)  # as the trainer
             mark("statistics pass")
         opt.zero_grad(set_to_none=True)
         for k in range(n_chunks):
@@ -252,6 +253,7 @@ def main() -> None:
                 mark("generator forward")
                 with autocast, record_function("loss call"):
                     loss, _ = loss_fn(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
+                                      total_classes=t.classes if stats is None else None,  # as the trainer
                                       chunk=k, group_keys=t.loss_group_keys and stats is not None,
                                       cuda_graph=t.loss_cuda_graph and stats is not None)
                 mark("loss call")

@@ -261,6 +261,7 @@ class FeatureDriftLoss:
         chunk: int | None = None,
         group_keys: bool = False,
         cuda_graph: bool = False,
+        total_classes: int | None = None,
     ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
         """The loss of one batch of classes (or of one chunk / one process's share, see the module docstring).
 
@@ -285,6 +286,8 @@ class FeatureDriftLoss:
                 gradient, the host's launches of ~900 kernels per call replaced by one (`cuda_graph.py`). Needs
                 check_finite=False (a sync inside a graph is an error) and memory for the graph's own copy of the
                 inputs (the generated and real taps) and of the temporaries of one call.
+            total_classes: with all_reduce, the number of classes of all processes together where the caller knows
+                it: then not summed over processes and read back (a host sync). Not with stats (they hold it).
 
         Returns:
             loss: scalar, sum over keys of (sum of this batch's key losses / global number of problems of the key).
@@ -296,6 +299,13 @@ class FeatureDriftLoss:
             raise ValueError("all_reduce: not needed with stats (they are already global)")
         if group_keys and stats is None:
             raise ValueError("group_keys: needs stats (each key's statistics must be known before its call)")
+        if total_classes is not None:
+            if stats is not None:
+                raise ValueError("total_classes: not needed with stats (they hold the global count)")
+            if (isinstance(total_classes, bool) or not isinstance(total_classes, int)
+                    or total_classes < b.num_classes or (all_reduce is None and total_classes != b.num_classes)):
+                raise ValueError(f"total_classes: expected an integer >= this batch's {b.num_classes} classes (equal "
+                                 f"to it without all_reduce), got {total_classes!r}")
         if cuda_graph:
             if stats is None:
                 raise ValueError("cuda_graph: needs stats (a graph is replayed over the chunks of a step)")
@@ -318,6 +328,8 @@ class FeatureDriftLoss:
             sources = self._sources(gen)
         if stats is not None:
             total_classes = stats.num_classes
+        elif total_classes is not None:
+            pass
         elif all_reduce is not None:
             total_classes = round(all_reduce(gen.new_tensor([b.num_classes], dtype=torch.float64)).item())
         else:
@@ -451,7 +463,7 @@ class FeatureDriftLoss:
               keep_sources: bool = False, group_keys: bool = False,
               fused_min_problems: int | None = None, compiled: bool = False,
               stack_below: int | None = None, stacked_losses: bool = False,
-              cuda_graph: bool = False) -> FeatureStats:
+              cuda_graph: bool = False, total_classes: int | None = None) -> FeatureStats:
         """The per-key statistics of the union of `batches` (this process's class chunks) over all processes.
 
         Two passes over the batches (see the module docstring); two collectives in all. batches: a sequence (it is
@@ -485,6 +497,10 @@ class FeatureDriftLoss:
         are then the graph's buffers, valid until the next call (the loss calls of the step read them); the key
         statistics are copies. One process only (no all_reduce), check_finite=False, and memory: the graph keeps
         its peak, the generated samples' taps of every batch included, reserved for its replays.
+        total_classes: the number of classes of all processes' batches together, where the caller knows it (the
+        trainer does): with all_reduce the count is then not summed over processes and read back to the host, the
+        one host sync of the pass (under torchrun it drained the GPU's queue between the two passes). Without
+        all_reduce it must equal this process's count.
         """
         batches = [_check_batch(ClassBatch(*b)) for b in batches]
         if not batches:
@@ -497,6 +513,14 @@ class FeatureDriftLoss:
             raise ValueError(f"stack_below: expected None or an integer >= 1, got {stack_below!r}")
         if stacked_losses and stack_below is None:
             raise ValueError("stacked_losses: needs stack_below (the losses precomputed are those of the stacked calls)")
+        local_classes = sum(b.num_classes for b in batches)
+        if total_classes is not None:
+            if isinstance(total_classes, bool) or not isinstance(total_classes, int) or total_classes < local_classes:
+                raise ValueError(f"total_classes: expected None or an integer >= this process's {local_classes} "
+                                 f"classes, got {total_classes!r}")
+            if all_reduce is None and total_classes != local_classes:
+                raise ValueError(f"total_classes: without all_reduce expected this process's {local_classes} "
+                                 f"classes, got {total_classes}")
         if cuda_graph:
             self._check_graphable(batches[0].gen)
             if all_reduce is not None:
@@ -535,13 +559,17 @@ class FeatureDriftLoss:
                                                                             impl=impl(g.shape[0]), **pass1),
                 sources, group_keys, stack_below)
         keys = list(scale_sums)
-        num_classes = sum(b.num_classes for b in batches)
-        packed = torch.cat([torch.stack([scale_sums[k] for k in keys]).flatten(),
-                            scale_sums[keys[0]].new_full((1,), num_classes)])  # a fill: no copy from the host
+        packed = torch.stack([scale_sums[k] for k in keys]).flatten()
+        num_classes = local_classes if total_classes is None else total_classes
+        count = all_reduce is not None and total_classes is None  # the global count is summed with the sums
+        if count:
+            packed = torch.cat([packed, packed.new_full((1,), local_classes)])  # a fill: no copy from the host
         if all_reduce is not None:
             packed = all_reduce(packed)
-            num_classes = round(packed[-1].item())  # the global count; the only host sync, and only with processes
-        global_scale_sums = dict(zip(keys, packed[:-1].view(len(keys), 2)))
+        if count:
+            num_classes = round(packed[-1].item())  # the global count: a host sync, only with processes
+            packed = packed[:-1]
+        global_scale_sums = dict(zip(keys, packed.view(len(keys), 2)))
 
         # Pass 2: sum of squared fields per temperature and the number of field entries, at the global scale.
         held = [] if stacked_losses else None  # pass 2's stacked calls, for their losses below

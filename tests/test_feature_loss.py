@@ -399,6 +399,55 @@ def test_bad_inputs():
         FeatureDriftLoss(make_encoder(), temperature=0.1)
 
 
+def test_stats_given_the_global_class_count_never_read_the_gpu(monkeypatch):
+    """total_classes (the trainer knows the global count): with all_reduce the count is not summed and read back
+    (the one host sync of the statistics pass, and of a loss call that reduces its own statistics); the same
+    statistics, loss and gradient; a count that cannot be right is refused."""
+    fdl = FeatureDriftLoss(make_encoder())
+    gen, pos, neg, w = make_inputs()
+    spans = [(0, 2), (2, 4)]
+    expected_loss, _, expected_grad, expected = chunked(fdl, gen, pos, neg, w, spans)
+    reduced = []
+
+    def all_reduce(t):  # one process: the sum over processes is the tensor itself
+        reduced.append(t.numel())
+        return t
+
+    def no_item(t):
+        raise AssertionError("a tensor was read back to the host")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_item)
+        stats = fdl.stats([ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in spans],
+                          all_reduce=all_reduce, total_classes=N_C)
+    assert stats.num_classes == N_C and len(reduced) == 2 and reduced[0] == 2 * len(stats.keys)
+    assert_same_stats(stats, expected)
+    loss, _, grad, _ = chunked(fdl, gen, pos, neg, w, spans, total_classes=N_C)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    # One call on the whole local batch (the trainer's step of one chunk), statistics reduced inside: the same.
+    whole_loss, _, whole_grad = whole(fdl, (gen, pos, neg, w))
+    leaf = gen.detach().clone().requires_grad_()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_item)
+        loss, _ = fdl(leaf, pos, neg, w, all_reduce=lambda t: t, total_classes=N_C)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), whole_loss, rtol=0, atol=0)
+    torch.testing.assert_close(leaf.grad, whole_grad, rtol=0, atol=0)
+    for bad, match in ((N_C - 1, "total_classes: expected an integer >= this batch's"), (True, "total_classes")):
+        with pytest.raises(ValueError, match=match):
+            fdl(gen, pos, neg, w, all_reduce=lambda t: t, total_classes=bad)
+    with pytest.raises(ValueError, match="total_classes: expected an integer >= this batch's 4 classes .equal"):
+        fdl(gen, pos, neg, w, total_classes=N_C + 1)
+    with pytest.raises(ValueError, match="total_classes: not needed with stats"):
+        fdl(gen, pos, neg, w, stats=stats, total_classes=N_C)
+    batches = [ClassBatch(*chunk_of(gen, pos, neg, w, lo, hi)) for lo, hi in spans]
+    with pytest.raises(ValueError, match="total_classes: expected None or an integer >= this process's"):
+        fdl.stats(batches, all_reduce=all_reduce, total_classes=N_C - 1)
+    with pytest.raises(ValueError, match="total_classes: without all_reduce expected this process's"):
+        fdl.stats(batches, total_classes=N_C + 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2 gloo processes == 1 process
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,9 +470,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         # And with the small statistics calls stacked over the chunks, their losses from the statistics pass.
         stacked, _, stacked_grad, _ = chunked(fdl, gen, pos, neg, w, RANK_CHUNKS[rank], all_reduce=all_reduce_sum(),
                                               stack_below=8, stacked_losses=True)
+        # And with the global class count given (as the trainer does): one collective less, no host sync.
+        counted, _, counted_grad, _ = chunked(fdl, gen, pos, neg, w, RANK_CHUNKS[rank], all_reduce=all_reduce_sum(),
+                                              total_classes=N_C)
         torch.save({"loss": loss.detach(), "grad": mine.grad, "info": info, "chunk_loss": total,
                     "chunk_grad": classes(chunk_grad, C_G, lo, hi), "stats": stats.keys, "stacked_loss": stacked,
-                    "stacked_grad": classes(stacked_grad, C_G, lo, hi)},
+                    "stacked_grad": classes(stacked_grad, C_G, lo, hi), "counted_loss": counted,
+                    "counted_grad": classes(counted_grad, C_G, lo, hi)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -435,7 +488,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     spawn(_worker, 2, str(tmp_path / "init"), str(tmp_path))
     loss, info, grad = whole()
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for name in ("", "chunk_", "stacked_"):
+    for name in ("", "chunk_", "stacked_", "counted_"):
         # Each process returns its share: the shares sum to the whole loss, the gradients are the whole's rows.
         torch.testing.assert_close(sum(p[f"{name}loss"] for p in parts), loss, rtol=1e-12, atol=0)
         torch.testing.assert_close(torch.cat([p[f"{name}grad"] for p in parts]), grad, rtol=1e-9, atol=1e-15)

@@ -493,7 +493,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                                             group_keys=t.stats_group_keys,
                                             fused_min_problems=t.stats_fused_min_problems,
                                             compiled=t.stats_compiled, stack_below=t.stats_stack_below,
-                                            stacked_losses=t.stats_stacked_losses, cuda_graph=t.stats_cuda_graph)
+                                            stacked_losses=t.stats_stacked_losses, cuda_graph=t.stats_cuda_graph,
+                                            total_classes=t.classes)  # known: no host sync for the count
         opt.zero_grad(set_to_none=True)
         total, info = None, {}
         for k in range(n_chunks):
@@ -505,6 +506,7 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
                 # inside the loss is fp32 whatever the keys.
                 with autocast:
                     loss, info = step_loss(x, p, n, wk, stats=stats, all_reduce=reduce if stats is None else None,
+                                           total_classes=t.classes if stats is None else None,  # no host sync
                                            chunk=k,  # with stats_keep_features: the real taps of the stats pass
                                            group_keys=t.loss_group_keys and stats is not None,
                                            cuda_graph=t.loss_cuda_graph and stats is not None)
