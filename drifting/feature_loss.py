@@ -328,11 +328,9 @@ class FeatureDriftLoss:
             sources = self._sources(gen)
         if stats is not None:
             total_classes = stats.num_classes
-        elif total_classes is not None:
-            pass
-        elif all_reduce is not None:
+        elif total_classes is None and all_reduce is not None:  # the global count, read back: a host sync
             total_classes = round(all_reduce(gen.new_tensor([b.num_classes], dtype=torch.float64)).item())
-        else:
+        elif total_classes is None:
             total_classes = b.num_classes
         # the losses that the statistics pass computed already (stats(stacked_losses=True)), for this batch
         ready = {}
