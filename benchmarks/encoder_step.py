@@ -73,7 +73,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in taps.values()})
     layout = "channels-last" if args.channels_last else "NCHW"
-    print(f"{card}: {args.encoder}, {layout}, {('compiled, dynamic shapes' if args.dynamic else 'compiled') if args.compile else 'eager'}, taps {'/'.join(dtypes)}")
+    mode = ("compiled, dynamic shapes" if args.dynamic else "compiled") if args.compile else "eager"
+    print(f"{card}: {args.encoder}, {layout}, {mode}, taps {'/'.join(dtypes)}")
     print(f"forward, {real.shape[0]} real samples, no gradient      {real_ms:9.2f} ms")
     print(f"forward + backward, {gen.shape[0]} generated samples      {gen_ms:9.2f} ms")
     if args.profile:
@@ -88,7 +89,8 @@ def main() -> None:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "encoder": args.encoder, "classes": args.classes,
-                  "compile": args.compile, "dynamic": args.dynamic, "channels_last": args.channels_last, "taps_dtypes": dtypes,
+                  "compile": args.compile, "dynamic": args.dynamic, "channels_last": args.channels_last,
+                  "taps_dtypes": dtypes,
                   "real_forward_ms": real_ms, "gen_forward_backward_ms": gen_ms}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
