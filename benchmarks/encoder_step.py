@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--profile", help="also profile one call of each and write the operators by GPU time here")
     p.add_argument("--out", default=None)
     args = parse_chunk_args(p)
+    if args.dynamic and not args.compile:
+        p.error("--dynamic: expected --compile as well")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -45,8 +47,6 @@ def main() -> None:
     if args.channels_last:
         encoder.to(memory_format=torch.channels_last)
     loss = FeatureDriftLoss(encoder)  # frozen, eval; its taps in the autocast dtype, as in training
-    if args.dynamic and not args.compile:
-        p.error("--dynamic: expected --compile as well")
     if args.compile:
         loss.compile_encoders(**({"dynamic": None} if args.dynamic else {}))
     cfg = encoder.cfg

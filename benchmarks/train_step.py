@@ -141,6 +141,8 @@ def main() -> None:
     chunk = t.class_chunk or local
     if t.classes % world or local % chunk:
         raise SystemExit(f"train.classes={t.classes} must split over {world} processes into chunks of {chunk}")
+    if args.encoder_dynamic and not t.compile_encoder:
+        raise SystemExit("--encoder-dynamic: expected train.compile_encoder=true (it sets how the encoders compile)")
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, num_classes, shape).to(device)
@@ -152,8 +154,6 @@ def main() -> None:
     train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
     if args.compile:
         train_model = torch.compile(train_model)
-    if args.encoder_dynamic and not t.compile_encoder:
-        raise SystemExit("--encoder-dynamic: expected train.compile_encoder=true (it sets how the encoders compile)")
     loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder and not args.encoder_dynamic)
     if args.encoder_dynamic:
         loss_fn.compile_encoders(dynamic=None)  # torch.compile's default: static, then dynamic after a new shape

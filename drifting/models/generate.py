@@ -29,7 +29,8 @@ def draw_inputs(model: nn.Module, batch: int, *, generator: torch.Generator | No
 
     Drawn in this order (noise, then style) on the generator's device (the default device's RNG when `generator` is
     None), then moved to `device` (default: the model's). A CPU generator therefore gives the same inputs whatever
-    device the model runs on. The trainer draws its inputs with this function too, so training and sampling agree.
+    device the model runs on (sampling uses one); the generator trainer passes a generator on the model's device
+    (a CPU draw of a large batch's noise costs ~0.1 s per step), whose numbers depend on the GPU's kind.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     source = generator.device if generator is not None else device

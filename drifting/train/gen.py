@@ -345,7 +345,8 @@ def build_loss(cfg: LossConfig, shape: tuple[int, ...], device: torch.device, *,
 
 def step_generator(seed: int, step: int, purpose: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of one kind of draw at one step: a pure function of (seed, step, purpose) on `device` (CPU
-    unless told; a CUDA generator gives the same numbers on every GPU of one model)."""
+    unless told). A CUDA generator gives the same numbers on GPUs with the same number of multiprocessors (PyTorch's
+    random kernels size their grid by it): every GPU of one kind, e.g. H100 SXM and H200 (132), not an A100 (108)."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 8 + purpose)
 
 
@@ -459,6 +460,8 @@ def train(cfg: GenConfig, run_dir: str | Path, *, resume: bool = True, progress:
         # The step's noise, drawn where the model runs from a generator of its own: on the CPU its 16.8M normals
         # (ablation size) take ~0.1 s of one core per step, and every process draws the whole batch's noise to take
         # its share (the same update whatever the number of processes), so a CPU draw would not shrink with GPUs.
+        # (Since 2026-11-28: a run resumed from an older checkpoint continues with other noise; a job must not mix
+        # GPUs of different multiprocessor counts, see step_generator.)
         noise, style = draw_inputs(model, t.classes * t.gen_per_class, device=device,
                                    generator=step_generator(t.seed, step, NOISE_PURPOSE, device))
         # One asynchronous copy each of the step's labels, guidance scales and weights (a blocking copy per chunk
