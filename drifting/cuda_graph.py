@@ -10,8 +10,9 @@ requires_grad, every plain value, grad mode and autocast state) allocates static
 them once eagerly (lazy initialisations, Triton compilations) and captures a graph of fn on them; every call then
 copies its tensors into the static copies and replays. What fn does must therefore depend on the signature only,
 never on tensor values read on the host (a sync inside a capture is an error), and fn must not keep state between
-calls; what it reads besides its arguments (options, weights) must not change, or be passed as an argument too. The returned tree holds the graph's own output tensors: the next call overwrites them, so a caller that keeps
-an output past the next call clones it. Plain values in the output are those of the capture.
+calls; what it reads besides its arguments (options, weights) must not change, or be passed as an argument too.
+The returned tree holds the graph's own output tensors: the next call overwrites them, so a caller that keeps an
+output past the next call clones it. Plain values in the output are those of the capture.
 
 `backend="eager"` replays by running fn again and copying its outputs into those of the first run: the same contract
 (static inputs, outputs overwritten) without a GPU, so that CPU tests check a caller's use of it.

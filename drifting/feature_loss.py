@@ -412,7 +412,8 @@ class FeatureDriftLoss:
                 with torch.autocast(b.gen.device.type, enabled=False):
                     losses, run_info = drift_loss(g, p, n, neg_weight=nw, stats=stacked_stats, all_reduce=all_reduce,
                                                   groups=groups, **self.drift_options)  # (sum of N_c L,)
-                key_losses = [part.sum() / (total_classes * num_loc) for part, num_loc in zip(losses.split(counts), locs)]
+                key_losses = [part.sum() / (total_classes * num_loc)
+                              for part, num_loc in zip(losses.split(counts), locs)]
                 if need_grad:
                     outputs.append(sum(key_losses))
                     output_grads.append(None)  # a scalar: d/d itself = 1

@@ -26,6 +26,7 @@ temperatures, against 1 + R = 4 for a single pass that could keep everything on 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -357,26 +358,17 @@ def _drift_kernel(
             tl.store(out_ptr + b, tl.sum(loss, axis=0) / (CG * S))
 
 
-_TEMPERATURES: dict[tuple, Tensor] = {}
-
-
+@functools.cache
 def _temperatures(temperatures: tuple[float, ...], device: torch.device) -> Tensor:
     """The temperatures as a float32 tensor on the device, made once: building it from host numbers at every call
     is a copy that waits for the GPU to finish its queue (one host sync per key and pass, ~1,000 per step)."""
-    key = (temperatures, device)
-    if key not in _TEMPERATURES:
-        _TEMPERATURES[key] = torch.tensor(temperatures, dtype=torch.float32, device=device)
-    return _TEMPERATURES[key]
+    return torch.tensor(temperatures, dtype=torch.float32, device=device)
 
 
-_DUMMIES: dict[torch.device, Tensor] = {}
-
-
+@functools.cache
 def _dummy(device: torch.device) -> Tensor:
     """A float32 [1] tensor for the kernel's unused pointer arguments (never read or written), made once per device."""
-    if device not in _DUMMIES:
-        _DUMMIES[device] = torch.empty(1, dtype=torch.float32, device=device)
-    return _DUMMIES[device]
+    return torch.empty(1, dtype=torch.float32, device=device)
 
 
 def _detached(t: Tensor) -> Tensor:

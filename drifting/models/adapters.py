@@ -29,6 +29,7 @@ Where the weights come from (each loads with `from_file`):
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -51,17 +52,11 @@ STD_EPS = 1e-6  # under the square root of the spatial variance, as features.py 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-_IMAGENET_STATS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-
-
+@functools.cache
 def _imagenet_stats(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """ImageNet's mean and std [1, 3, 1, 1] on the device, made once: a copy from host numbers at every call waits for
     the GPU's queue, and is an error inside a CUDA graph capture (`FeatureDriftLoss.stats(cuda_graph=True)`)."""
-    key = (device, dtype)
-    if key not in _IMAGENET_STATS:
-        _IMAGENET_STATS[key] = tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1)
-                                     for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return _IMAGENET_STATS[key]
+    return tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def imagenet_input(x: Tensor, size: int | None = None) -> Tensor:
