@@ -1,10 +1,11 @@
-"""The training-step benchmark's measurement helpers (benchmarks/train_step.py), on CPU."""
+"""The benchmarks' measurement helpers (benchmarks/train_step.py) and CPU smoke runs, on CPU."""
 
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import pytest
 from torch.autograd import DeviceType
 
 from drifting.feature_loss import RANGES
@@ -74,3 +75,19 @@ def test_train_step_profile_names_the_loss_parts(tmp_path):
     ranges = json.loads(out.read_text())["profile"]["gpu_ms_by_range"]
     assert set(RANGES) <= set(ranges) and set(bench.STEP_RANGES) <= set(ranges)
     assert all(r["host"] > 0 for name, r in ranges.items() if name in bench.STEP_RANGES)
+
+
+def test_memsets_benchmark_runs_on_cpu_and_checks_its_arguments(tmp_path, monkeypatch, capsys):
+    bench = _load("memsets")
+    out = tmp_path / "memsets.json"
+    monkeypatch.setattr(sys, "argv", ["memsets.py", "--device", "cpu", "--samples", "2", "--tokens", "4",
+                                      "--iters", "1", "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * len(bench.LINEARS) + 3  # forward and backward per linear, two convolutions, attention
+    assert all(set(r) == {"memsets", "memset_us", "kernel_us", "kernels"} for r in rows.values())
+    monkeypatch.setattr(sys, "argv", ["memsets.py", "--device", "cpu", "--tokens", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    assert "--tokens: expected a positive integer, got 0" in capsys.readouterr().err
