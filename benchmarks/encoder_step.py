@@ -10,6 +10,7 @@ torch.compile's automatic dynamic shapes instead.
     python benchmarks/encoder_step.py --compile
     python benchmarks/encoder_step.py --compile --dynamic
     python benchmarks/encoder_step.py --compile --channels-last --profile encoder_cl_profile.txt
+    python benchmarks/encoder_step.py --compile --compile-mode max-autotune-no-cudagraphs
     python benchmarks/encoder_step.py --device cpu --encoder mae_tiny --classes 1 --iters 1   # smoke test
 """
 
@@ -20,6 +21,7 @@ from contextlib import nullcontext
 
 import torch
 from feature_loss import chunk_parser, parse_chunk_args, timed_ms  # benchmarks/feature_loss.py
+from generator_step import COMPILE_MODES  # benchmarks/generator_step.py
 from torch.profiler import ProfilerActivity, profile
 
 from drifting.feature_loss import FeatureDriftLoss
@@ -32,12 +34,16 @@ def main() -> None:
     p.add_argument("--dynamic", action="store_true",
                    help="with --compile: torch.compile's automatic dynamic shapes (the baseline of compile_encoders' "
                         "static shapes, under which inductor lays out the convolutions channels-last)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="with --compile: torch.compile's mode (benchmarks/generator_step.py says why these two)")
     p.add_argument("--channels-last", action="store_true", help="the encoder in channels-last memory")
     p.add_argument("--profile", help="also profile one call of each and write the operators by GPU time here")
     p.add_argument("--out", default=None)
     args = parse_chunk_args(p)
     if args.dynamic and not args.compile:
         p.error("--dynamic: expected --compile as well")
+    if args.compile_mode != "default" and not args.compile:
+        p.error("--compile-mode: expected --compile as well")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -48,7 +54,7 @@ def main() -> None:
         encoder.to(memory_format=torch.channels_last)
     loss = FeatureDriftLoss(encoder)  # frozen, eval; its taps in the autocast dtype, as in training
     if args.compile:
-        loss.compile_encoders(**({"dynamic": None} if args.dynamic else {}))
+        loss.compile_encoders(mode=args.compile_mode, **({"dynamic": None} if args.dynamic else {}))
     cfg = encoder.cfg
     g = torch.Generator(device=device).manual_seed(0)
     real = torch.randn(80 * args.classes, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
@@ -74,6 +80,7 @@ def main() -> None:
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in taps.values()})
     layout = "channels-last" if args.channels_last else "NCHW"
     mode = ("compiled, dynamic shapes" if args.dynamic else "compiled") if args.compile else "eager"
+    mode += f" ({args.compile_mode})" if args.compile_mode != "default" else ""
     print(f"{card}: {args.encoder}, {layout}, {mode}, taps {'/'.join(dtypes)}")
     print(f"forward, {real.shape[0]} real samples, no gradient      {real_ms:9.2f} ms")
     print(f"forward + backward, {gen.shape[0]} generated samples      {gen_ms:9.2f} ms")
@@ -89,7 +96,8 @@ def main() -> None:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "encoder": args.encoder, "classes": args.classes,
-                  "compile": args.compile, "dynamic": args.dynamic, "channels_last": args.channels_last,
+                  "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+                  "dynamic": args.dynamic, "channels_last": args.channels_last,
                   "taps_dtypes": dtypes,
                   "real_forward_ms": real_ms, "gen_forward_backward_ms": gen_ms}
         with open(args.out, "w") as f:

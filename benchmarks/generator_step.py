@@ -4,10 +4,15 @@
     python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile              # the training step's
     python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile --rope-per-call   # its baseline
     python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile --profile dit_profile.txt
+    python benchmarks/generator_step.py --presets DiT-B/2 --no-attn-fp32 --compile \
+        --compile-mode max-autotune-no-cudagraphs
     python benchmarks/generator_step.py --presets DiT-tiny --batch 4 --device cpu --iters 1   # smoke test
 
 --rope-per-call builds RoPE's cos/sin tables in every forward, as the DiT did before it kept them in buffers (under
 torch.compile they fuse into the kernels that rotate q and k, which then evaluate cos/sin per element).
+--compile-mode passes torch.compile's mode (the training step compiles with the default; max-autotune-no-cudagraphs
+lets inductor time Triton templates against cuBLAS for each product and fuse epilogues into them, at minutes of
+compilation; the CUDA-graph modes are left out: the trainer's steps replay graphs of their own).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 from drifting.models.dit import build_generator
 from drifting.models.generate import draw_inputs
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -32,11 +39,15 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-attn-fp32", action="store_true", help="attention in bf16 (the latent SOTA setting)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator (as train.compile)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="with --compile: torch.compile's mode")
     parser.add_argument("--rope-per-call", action="store_true",
                         help="RoPE tables built in every forward (the baseline of the buffered tables)")
     parser.add_argument("--profile", help="also profile one step of the last preset; the operators by GPU time here")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.compile_mode != "default" and not args.compile:
+        parser.error("--compile-mode: expected --compile as well")
     cuda = args.device == "cuda"
     card = torch.cuda.get_device_name() if cuda else "cpu"
     rows = []
@@ -47,7 +58,7 @@ def main() -> None:
                                 attn_fp32=not args.no_attn_fp32).to(args.device)
         if args.rope_per_call:
             model.rope = lambda model=model: model.rope_tables(model.rope_cos.device)
-        run = torch.compile(model) if args.compile else model
+        run = torch.compile(model, mode=args.compile_mode) if args.compile else model
         g = torch.Generator(device="cpu").manual_seed(0)
         noise, style = draw_inputs(model, args.batch, generator=g, device=torch.device(args.device))
         labels = torch.randint(0, model.num_classes, (args.batch,), generator=g).to(args.device)
@@ -71,7 +82,8 @@ def main() -> None:
         ms = 1e3 * (time.perf_counter() - t0) / args.iters
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         rows.append({"preset": name, "batch": args.batch, "checkpointing": args.checkpointing,
-                     "attn_fp32": not args.no_attn_fp32, "compile": args.compile, "rope_per_call": args.rope_per_call,
+                     "attn_fp32": not args.no_attn_fp32, "compile": args.compile,
+                     "compile_mode": args.compile_mode if args.compile else None, "rope_per_call": args.rope_per_call,
                      "ms": ms, "samples_per_s": args.batch / ms * 1e3, "peak_gib": peak})
         print(f"{name:<14} {args.batch:>5} {ms:>9.1f} {args.batch / ms * 1e3:>10.0f} {peak:>9.2f}")
         if args.profile:

@@ -49,6 +49,8 @@ from drifting.train.ema import ema_copy, ema_update
 from drifting.train.gen import NOISE_PURPOSE, GenConfig, build_loss, build_model, step_generator
 from drifting.train.parallel import set_gradient_sync, wrap_model
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # as benchmarks/generator_step.py
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +93,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode for the generator (--compile) and the encoders "
+                        "(train.compile_encoder=true); benchmarks/generator_step.py says why these two")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: known H100/H200/A100)")
     p.add_argument("--baseline", help="the JSON of a 1-GPU run: report the scaling efficiency against it")
     p.add_argument("--out", help="write the results as JSON")
@@ -143,6 +148,8 @@ def main() -> None:
         raise SystemExit(f"train.classes={t.classes} must split over {world} processes into chunks of {chunk}")
     if args.encoder_dynamic and not t.compile_encoder:
         raise SystemExit("--encoder-dynamic: expected train.compile_encoder=true (it sets how the encoders compile)")
+    if args.compile_mode != "default" and not (args.compile or t.compile_encoder):
+        raise SystemExit("--compile-mode: expected --compile or train.compile_encoder=true (what it compiles)")
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, num_classes, shape).to(device)
@@ -153,10 +160,12 @@ def main() -> None:
     ema = ema_copy(model)
     train_model = wrap_model(model, strategy=t.strategy if world > 1 else "none", device=device)
     if args.compile:
-        train_model = torch.compile(train_model)
-    loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder and not args.encoder_dynamic)
-    if args.encoder_dynamic:
-        loss_fn.compile_encoders(dynamic=None)  # torch.compile's default: static, then dynamic after a new shape
+        train_model = torch.compile(train_model, mode=args.compile_mode)
+    own_encoder_compile = args.encoder_dynamic or args.compile_mode != "default"
+    loss_fn = build_loss(cfg.loss, shape, device, compile_encoder=t.compile_encoder and not own_encoder_compile)
+    if t.compile_encoder and own_encoder_compile:
+        # dynamic=None: torch.compile's default (static, then dynamic after a new shape), the baseline of static
+        loss_fn.compile_encoders(mode=args.compile_mode, **({"dynamic": None} if args.encoder_dynamic else {}))
     if args.reference_keys:
         loss_fn.fused_keys = False
     if args.reference_layout:
@@ -372,7 +381,7 @@ def main() -> None:
     samples_per_s = t.classes * t.gen_per_class / step_s
     result = {
         "card": card, "world": world, "torch": torch.__version__, "preset": args.preset, "overrides": overrides,
-        "compile": args.compile, "kernel_variant": args.kernel_variant,
+        "compile": args.compile, "compile_mode": args.compile_mode, "kernel_variant": args.kernel_variant,
         "reference_keys": args.reference_keys, "fp32_taps": args.fp32_taps,
         "rope_per_call": args.rope_per_call, "encoder_channels_last": args.encoder_channels_last,
         "encoder_dynamic": args.encoder_dynamic,

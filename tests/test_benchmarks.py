@@ -91,3 +91,14 @@ def test_memsets_benchmark_runs_on_cpu_and_checks_its_arguments(tmp_path, monkey
         bench.main()
     assert exit_info.value.code == 2
     assert "--tokens: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_compile_mode_without_anything_to_compile_is_refused_before_any_work(monkeypatch, capsys):
+    for name, argv in [("generator_step", ["--presets", "DiT-tiny", "--device", "cpu"]),
+                       ("train_step", ["--preset", str(ROOT / "configs/gen/debug.yaml"), "--device", "cpu"])]:
+        bench = _load(name)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--compile-mode", "max-autotune-no-cudagraphs"])
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main()
+        message = str(exit_info.value.code) + capsys.readouterr().err
+        assert "--compile-mode: expected --compile" in message, name
