@@ -287,3 +287,96 @@ def test_fused_problem_layout_equals_reference(shape, dtype):
         (ref, ref_grad), (got, got_grad) = res
         assert torch.equal(got, ref) and torch.equal(got_grad, ref_grad)
 
+
+
+# ---- the CUDA C++ kernel (drift_triton.VARIANT["cuda"]: bf16 problems of at most 64 + 16 + 64 rows, S <= 256) ----
+
+CUDA_SHAPES = [  # B, C_g, C_p, C_n, S
+    (64, 64, 64, 16, 256),  # the 32x32 key's problems
+    (9, 17, 33, 5, 96),  # odd rows, a partial chunk of S
+    (7, 5, 3, 0, 8),  # no unconditional negatives, one segment of S
+    (11, 64, 64, 16, 200),  # S not a multiple of the 64-column chunk
+]
+
+
+@pytest.fixture
+def cuda_kernel(monkeypatch):
+    """Turns the CUDA kernel on and counts its launches: a test that expects it must see it run."""
+    from drifting.kernels import drift_cuda, drift_triton
+
+    monkeypatch.setitem(drift_triton.VARIANT, "cuda", True)
+    launches = []
+    real = drift_cuda.launch
+    monkeypatch.setattr(drift_cuda, "launch", lambda pass_, *a, **k: (launches.append(pass_), real(pass_, *a, **k)))
+    return launches
+
+
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernel_equals_reference(shape, cuda_kernel):
+    gen, pos, neg, w = inputs(shape, torch.bfloat16, seed=8)
+    loss_r, grad_r, info_r = run("reference", gen.float(), pos.float(), None if neg is None else neg.float(), w)
+    loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)
+    assert cuda_kernel == [1, 2, 3]
+    assert grad_f.dtype == torch.bfloat16
+    assert relative(loss_f, loss_r) < 1e-4
+    assert relative(info_f["scale"], info_r["scale"]) < 1e-5
+    assert relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
+    torch.testing.assert_close(grad_f.float(), grad_r, rtol=8e-3, atol=1e-3 * grad_r.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(normalize="y"), dict(normalize="none", temperatures=(0.5, 1.0)), dict(affinity_floor=1e-3),
+     dict(attraction=1.5, repulsion=0.5), dict(temperatures=(0.05,)), dict(self_mask=1e6)],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_cuda_kernel_options_and_weights(options, cuda_kernel):
+    gen, pos, neg, _ = inputs((13, 24, 40, 8, 96), torch.bfloat16, seed=9)
+    g = torch.Generator(device="cuda").manual_seed(10)
+    weights = dict(gen_weight=torch.rand(13, 24, generator=g, device="cuda"),
+                   pos_weight=torch.rand(13, 40, generator=g, device="cuda"),
+                   neg_weight=torch.rand(13, 8, generator=g, device="cuda"))
+    results = []
+    for impl, cast in (("reference", torch.float32), ("fused", torch.bfloat16)):
+        leaf = gen.to(cast).detach().clone().requires_grad_()
+        loss, info = drift_loss(leaf, pos.to(cast), neg.to(cast), impl=impl, **weights, **options)
+        loss.sum().backward()
+        results.append((loss.detach(), leaf.grad.float(), info))
+    (loss_r, grad_r, info_r), (loss_f, grad_f, info_f) = results
+    assert 3 in cuda_kernel
+    assert relative(loss_f, loss_r) < 1e-4 and relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
+    torch.testing.assert_close(grad_f, grad_r, rtol=8e-3, atol=1e-3 * grad_r.abs().max().item())
+
+
+def test_cuda_kernel_with_given_and_stacked_statistics(cuda_kernel):
+    """Pass 3 alone (training's loss calls): statistics from the chunked passes, one scale and lambda per problem."""
+    gen, pos, neg, w = inputs((40, 64, 64, 16, 256), torch.bfloat16, seed=11)
+    pos[30:] = pos[30:] * 3
+    parts, groups = [slice(0, 4), slice(4, 30), slice(30, 40)], [4, 26, 10]
+    key_stats = [drift_stats(gen[k].float(), pos[k].float(), neg[k].float(), neg_weight=w[k]) for k in parts]
+    stacked = DriftStats(*(torch.stack(part) for part in zip(*key_stats)))
+    alone = [run("reference", gen[k].float(), pos[k].float(), neg[k].float(), w[k], stats=st)
+             for k, st in zip(parts, key_stats)]
+    loss, grad, _ = run("fused", gen, pos, neg, w, stats=stacked, groups=groups)
+    assert cuda_kernel == [3]
+    assert relative(loss, torch.cat([a[0] for a in alone])) < 1e-4
+    torch.testing.assert_close(grad.float(), torch.cat([a[1] for a in alone]), rtol=8e-3,
+                               atol=1e-3 * grad.float().abs().max().item())
+
+
+def test_cuda_kernel_is_deterministic_under_load(cuda_kernel):
+    """Thousands of problems (two blocks on every SM): two runs equal bit for bit, and the reference."""
+    gen, pos, neg, w = inputs((2048, 64, 64, 16, 256), torch.bfloat16, seed=6)
+    loss_r, _, _ = run("reference", gen.float(), pos.float(), neg.float(), w)
+    runs = [run("fused", gen, pos, neg, w) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert relative(runs[0][0], loss_r) < 1e-4
+
+
+def test_cuda_kernel_leaves_other_problems_to_triton(cuda_kernel):
+    """fp32 inputs, S beyond 256 and C_n beyond 16 take the Triton kernel (the CUDA one never runs)."""
+    for shape, dtype in (((4, 64, 64, 16, 256), torch.float32), ((4, 64, 64, 16, 512), torch.bfloat16),
+                         ((4, 64, 64, 32, 256), torch.bfloat16)):
+        gen, pos, neg, w = inputs(shape, dtype, seed=12)
+        run("fused", gen, pos, neg, w)
+    assert cuda_kernel == []

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from drifting.drift import MIN_SCALE, MIN_SQUARED_DISTANCE, DriftStats
+from drifting.kernels import drift_cuda
 
 # The interpreter (TRITON_INTERPRET=1, used to test the kernel on a CPU) cannot multiply bf16 matrices correctly;
 # there the products are taken in fp32 after upcasting, which is exact for bf16 values anyway.
@@ -58,7 +59,9 @@ NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # (compiled for sm_90 at the 32x32 key: 255 registers spill 64-256 bytes per thread in passes 2-3, 168 spill
 # 416-704, 128 spill 592-1,008; `python benchmarks/kernel_resources.py --maxnreg N`). Timed on an H200, slower at
 # every key (32x32: 28.6 ms uncapped, 33.0 at 168, 35.9 at 128; docs/benchmarks.md, twelfth sitting): opt-in.
-VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0)
+# cuda = bf16 problems that fit `drift_cuda.supports` (the 32x32 key) run the CUDA C++ kernel of drift_cuda.cu
+# instead (same passes and arithmetic; inputs staged in shared memory): opt-in while it is measured.
+VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0, cuda=False)
 MAXNREG_CHOICES = (0, 128, 168, 192, 224)
 
 
@@ -453,12 +456,22 @@ class _Kernel:
             self.common["maxnreg"] = VARIANT["maxnreg"]
         self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
+        self.cuda = None  # the CUDA C++ kernel's inputs, where VARIANT["cuda"] is on and the problems fit it
+        if VARIANT["cuda"] and not _INTERPRET and drift_cuda.supports(x, pos, neg):
+            self.cuda = dict(gen=x, pos=pos, neg=neg, weights=tuple(weights), temps=temps, dummy=self.dummy,
+                             options=dict(normalize=normalize, sqrt_floor=math.sqrt(affinity_floor),
+                                          self_mask=self_mask, attraction=attraction, repulsion=repulsion))
 
     def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None,
                norm: Tensor | None = None) -> None:
         """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale)."""
         per_problem = dict(params_stride=2 if params.dim() == 2 else 0,  # [B, 2] / [B, R]: one per problem
                            lambda_stride=inv_lambda.shape[-1] if inv_lambda.dim() == 2 else 0)
+        if self.cuda is not None:
+            c = self.cuda
+            drift_cuda.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], inv_lambda, out, grad,
+                              params, norm, c["dummy"], **c["options"], **per_problem)
+            return
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
                                         params, norm if norm is not None else self.dummy, *self.strides,
                                         **per_problem, PASS=pass_,
@@ -470,7 +483,8 @@ class _Kernel:
         if not VARIANT["share_norm"] or self.common["NORMALIZE"] == NORMALIZE_CODE["none"]:
             return None
         c = self.common
-        return torch.empty(self.shape[0], c["R"], 2 * c["BG"] + c["BN"] + c["BP"], **self.f32)
+        width = drift_cuda.norm_width(c["CN"]) if self.cuda is not None else 2 * c["BG"] + c["BN"] + c["BP"]
+        return torch.empty(self.shape[0], c["R"], width, **self.f32)
 
     def params(self, scale: Tensor) -> Tensor:
         """[scale, s_in] as float32 on the device ([B, 2] for one scale per problem); the statistics never leave

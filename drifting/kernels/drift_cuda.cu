@@ -1,0 +1,524 @@
+// The fused drifting loss's three passes on tensor cores: CUDA C++, compiled at run time with NVRTC
+// (drifting/kernels/drift_cuda.py). Same arithmetic and outputs as the Triton kernel (drift_triton.py), for bf16
+// inputs with C_g <= 64, C_p <= 64, C_n <= 16 and S <= 256, S a multiple of 8: the 32x32 key of the paper's ablation.
+//
+// Why a second implementation: the Triton kernel keeps a problem's 64 x 144 tiles (distances, affinities,
+// coefficients) in registers with no control over where the inputs live, so every force loop re-reads them from
+// L2 and the program takes all 255 registers (two programs per SM, spills). Here one block of 4 warps handles one
+// problem; its inputs are copied once into shared memory (cp.async, 72 KB at S = 256) and every product of the pass
+// reads them from there (ldmatrix); warp w owns generated rows 16w..16w+15 against all T = 64 + BN + 64 targets.
+//
+// Layout of a warp's [16, T] tile in registers: the accumulator of mma.m16n8k16, tile j holds columns 8j..8j+7;
+// element e of tile j of lane (g = lane / 4, t = lane % 4) is row g + 8 (e / 2), column 8j + 2t + (e % 2). Row
+// reductions therefore stay in a quad of lanes (shuffles over lane bits 0-1), column reductions go over lane bits
+// 2-4 and then across the 4 warps through shared memory, in a fixed order (results repeat bit for bit).
+//
+// Shared memory holds the targets Y = [generated | negatives | positives] as chunks of 64 columns of S, each row
+// 128 bytes whose 16-byte segments are XOR-swizzled by the row (segment s of row r at s ^ (r % 8)): ldmatrix then
+// reads 8 rows without bank conflicts. The generated rows are rows 0..63 of Y: the same tiles serve as the A
+// operand of the distance product and as targets.
+//
+// Statistics: the logits' row and column maxima are taken once from the minima of the normalised distances
+// (max_j(-n_ij k) = -(min_j n_ij) k exactly, since rounding is monotone), so a temperature needs only the softmax
+// sums. Exponentials are in base 2 (ex2.approx, as Triton's exp): l2 = -n log2(e) / tau; the normalisers are kept
+// in log2 form, u_i = -(m_i + log2 Z_i) / 2 per row and v_j likewise per column ("xy"), and A_ij = 2^(l2 + u_i + v_j).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+namespace drift {
+
+constexpr int kThreads = 128;  // 4 warps, 16 generated rows each
+constexpr int kBG = 64;        // generated rows (and generated targets), padded
+constexpr int kBP = 64;        // positive targets, padded
+constexpr int kChunk = 64;     // columns of S per shared-memory chunk: rows of 128 bytes
+constexpr float kLog2e = 1.4426950408889634f;
+#define kInf __int_as_float(0x7f800000)
+
+template <int BN>
+struct Layout {
+  static constexpr int T = kBG + BN + kBP;      // targets: generated, negatives (unconditional), positives
+  static constexpr int NT = T / 8;              // n8 tiles of the [16, T] tile
+  static constexpr int NK = T / 16;             // k16 blocks of the force product
+  static constexpr int NEG0 = kBG / 8;          // first tile of the negatives
+  static constexpr int POS0 = (kBG + BN) / 8;   // first tile of the positives
+  static constexpr int NORM_WIDTH = kBG + T;    // u (rows), then v (targets), per problem and temperature
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+  // 16 bytes, or 16 zero bytes where the row or column is padding (src-size 0 reads nothing)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void cp_async_wait(int pending) {  // wait_group takes an immediate
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+  }
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32 (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32 (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// c += a b: a 16 x 16 (4 registers of bf16 pairs), b 16 x 8 (2 registers), c 16 x 8 in fp32
+__device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float bf16_low(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_high(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ u32 pack_bf16(float low, float high) {  // round to nearest even, low half first
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(high), "f"(low));
+  return r;
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float log2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// byte offset of 16-byte segment `seg` of row `row` in a chunk (XOR swizzle)
+__device__ __forceinline__ u32 swizzled(int row, int seg) { return row * 128 + ((seg ^ (row & 7)) << 4); }
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+__device__ __forceinline__ float quad_min(float v) {
+  v = fminf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fminf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float column_sum(float v) {  // over the 8 lane groups of a warp (its 16 rows)
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  return v + __shfl_xor_sync(0xffffffffu, v, 16);
+}
+
+__device__ __forceinline__ float column_min(float v) {
+  v = fminf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+  v = fminf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+  return fminf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// sum over the block, the same order every launch; `red` holds 4 floats; the result is valid in thread 0
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  __syncthreads();  // `red` may still be read from an earlier call
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return ((red[0] + red[1]) + red[2]) + red[3];
+}
+
+template <int BN>
+__device__ __forceinline__ bool column_valid(int j, int col, int CG, int CN, int CP) {
+  if (j < Layout<BN>::NEG0) return col < CG;
+  if (j < Layout<BN>::POS0) return col - kBG < CN;
+  return col - kBG - BN < CP;
+}
+
+template <int BN>
+__device__ __forceinline__ bool target_valid(int col, int CG, int CN, int CP) {  // col: a runtime column index
+  if (col < kBG) return col < CG;
+  if (col < kBG + BN) return col - kBG < CN;
+  return col - kBG - BN < CP;
+}
+
+// F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory. The fp32 coefficients are split into
+// bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum of F^2
+// (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3).
+template <int NT, int NCH, bool PASS3, bool WRITE_GRAD>
+__device__ __forceinline__ float force(const float (&coef)[NT][4], const unsigned char* smem, u32 ys, int lane,
+                                       int row0, const bool (&row_ok)[2], int S, int CG, float s_in,
+                                       u16* __restrict__ grad, long long b) {
+  constexpr int T = NT * 8, NK = NT / 2;
+  const int t = lane & 3, mat = lane >> 3;
+  float rsum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) rsum[e >> 1] += coef[j][e];
+  rsum[0] = quad_sum(rsum[0]);
+  rsum[1] = quad_sum(rsum[1]);
+  // A fragments of the [16, T] coefficients: the accumulator layout of tiles 2kk, 2kk + 1 is the A layout of block kk
+  u32 ahi[NK][4], alo[NK][4];
+#pragma unroll
+  for (int kk = 0; kk < NK; ++kk)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float c0 = coef[2 * kk + (q >> 1)][2 * (q & 1)], c1 = coef[2 * kk + (q >> 1)][2 * (q & 1) + 1];
+      const u32 hi = pack_bf16(c0, c1);
+      ahi[kk][q] = hi;
+      alo[kk][q] = pack_bf16(c0 - bf16_low(hi), c1 - bf16_high(hi));
+    }
+  const float grad_scale = -2.0f / (s_in * CG * S);
+  float total = 0.0f;
+  for (int c = 0; c < NCH; ++c) {
+    const u32 base = ys + c * T * 128;
+    float f[8][4];
+#pragma unroll
+    for (int p = 0; p < 8; ++p) f[p][0] = f[p][1] = f[p][2] = f[p][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk)
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp) {
+        u32 bf[4];
+        ldsm_x4_trans(base + swizzled(16 * kk + (lane & 7) + 8 * (mat & 1), 2 * pp + (mat >> 1)), bf);
+        mma(f[2 * pp], ahi[kk], bf[0], bf[1]);
+        mma(f[2 * pp], alo[kk], bf[0], bf[1]);
+        mma(f[2 * pp + 1], ahi[kk], bf[2], bf[3]);
+        mma(f[2 * pp + 1], alo[kk], bf[2], bf[3]);
+      }
+#pragma unroll
+    for (int p = 0; p < 8; ++p)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 8 * h;
+        const u32 xv = *reinterpret_cast<const u32*>(smem + c * T * 128 + swizzled(row, p) + 4 * t);
+        float f0 = f[p][2 * h] - rsum[h] * bf16_low(xv), f1 = f[p][2 * h + 1] - rsum[h] * bf16_high(xv);
+        if constexpr (PASS3) {
+          f0 = f0 / s_in;
+          f1 = f1 / s_in;
+        }
+        total += f0 * f0 + f1 * f1;
+        if constexpr (WRITE_GRAD) {
+          const int col = c * kChunk + 8 * p + 2 * t;
+          if (row_ok[h] && col < S)
+            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) = pack_bf16(grad_scale * f0, grad_scale * f1);
+        }
+      }
+  }
+  return total;
+}
+
+// PASS 1: per problem [sum_ij w_j d_ij, C_g sum_j w_j]. PASS 2: per problem and temperature sum_is F_R^2 (F_R before
+// the division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none".
+// BN: 16 with negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH).
+// STORE_NORM (pass 2) writes the normalisers u, v in log2 form; LOAD_NORM (pass 3) reads them.
+template <int PASS, int NORM, int BN, int NCH, bool STORE_NORM, bool LOAD_NORM, bool WRITE_GRAD>
+__global__ void __launch_bounds__(kThreads, 2) drift_kernel(
+    const u16* __restrict__ gen, const u16* __restrict__ neg, const u16* __restrict__ pos,
+    int sgb, int sgr, int snb, int snr, int spb, int spr,
+    const float* __restrict__ wg, const float* __restrict__ wn, const float* __restrict__ wp,
+    int has_wg, int has_wn, int has_wp,
+    const float* __restrict__ temps, const float* __restrict__ inv_lambda, float* __restrict__ out,
+    u16* __restrict__ grad, const float* __restrict__ params, float* __restrict__ norm,
+    int CG, int CN, int CP, int S, int R, int params_stride, int lambda_stride,
+    double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
+  using L = Layout<BN>;
+  constexpr int T = L::T, NT = L::NT;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const long long b = blockIdx.x;
+  const int row0 = 16 * warp + g;  // this lane's rows: row0 (elements 0, 1) and row0 + 8 (elements 2, 3)
+  const bool row_ok[2] = {row0 < CG, row0 + 8 < CG};
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* sqn = reinterpret_cast<float*>(smem + NCH * T * 128);  // |y_j|^2
+  float* wcol = sqn + T;    // target weights, 0 on padding
+  float* vcol = wcol + T;   // column normaliser v_j of the current temperature
+  float* cmin = vcol + T;   // column minima of the normalised distances
+  float* cpart = cmin + T;  // [4 warps][T] partial column sums
+  float* red = cpart + 4 * T;
+  const u32 ys = smem_u32(smem);
+
+  // ---- the targets into shared memory, one commit group per chunk, so chunk 0's products start early ----------
+  for (int c = 0; c < NCH; ++c) {
+    for (int idx = tid; idx < T * 8; idx += kThreads) {
+      const int row = idx >> 3, seg = idx & 7, col = c * kChunk + seg * 8;
+      const u16* src;
+      bool ok;
+      if (row < kBG) {
+        ok = row < CG;
+        src = gen + b * sgb + (long long)row * sgr + col;
+      } else if (row < kBG + BN) {
+        ok = row - kBG < CN;
+        src = neg + b * snb + (long long)(row - kBG) * snr + col;
+      } else {
+        ok = row - kBG - BN < CP;
+        src = pos + b * spb + (long long)(row - kBG - BN) * spr + col;
+      }
+      ok = ok && col < S;
+      cp_async16(ys + c * T * 128 + swizzled(row, seg), ok ? src : gen, ok);
+    }
+    cp_async_commit();
+  }
+  for (int j = tid; j < T; j += kThreads) {
+    float w = 0.0f;
+    if (j < kBG) {
+      if (j < CG) w = has_wg ? wg[b * CG + j] : 1.0f;
+    } else if (j < kBG + BN) {
+      if (j - kBG < CN) w = has_wn ? wn[b * CN + j - kBG] : 1.0f;
+    } else if (j - kBG - BN < CP) {
+      w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
+    }
+    wcol[j] = w;
+  }
+
+  // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  for (int c = 0; c < NCH; ++c) {
+    cp_async_wait(NCH - 1 - c);
+    __syncthreads();
+    const u32 base = ys + c * T * 128;
+    const int mat = lane >> 3;
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      u32 a[4];
+      const int arow = 16 * warp + (lane & 7) + 8 * (mat & 1);
+      ldsm_x4(base + swizzled(arow, 2 * ks + (mat >> 1)), a);
+#pragma unroll
+      for (int jp = 0; jp < NT / 2; ++jp) {
+        u32 bf[4];
+        const int brow = 16 * jp + 8 * (mat >> 1) + (lane & 7);
+        ldsm_x4(base + swizzled(brow, 2 * ks + (mat & 1)), bf);
+        mma(acc[2 * jp], a, bf[0], bf[1]);
+        mma(acc[2 * jp + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+  // squared norms of every target row (the generated rows' are their own)
+  for (int row = tid; row < T; row += kThreads) {
+    float sum = 0.0f;
+    for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+      for (int seg = 0; seg < 8; ++seg) {
+        const uint4 v = *reinterpret_cast<const uint4*>(smem + c * T * 128 + swizzled(row, seg));
+        const u32 w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float lo = bf16_low(w4[q]), hi = bf16_high(w4[q]);
+          sum += lo * lo;
+          sum += hi * hi;
+        }
+      }
+    }
+    sqn[row] = sum;
+  }
+  __syncthreads();
+
+  // d_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)), in place
+  {
+    const float sq_row[2] = {sqn[row0], sqn[row0 + 8]};
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float d2 = (sq_row[e >> 1] + sqn[8 * j + 2 * t + (e & 1)]) - 2.0f * acc[j][e];
+        acc[j][e] = sqrtf(fmaxf(d2, 1e-8f));
+      }
+  }
+
+  if constexpr (PASS == 1) {
+    float total = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t + (e & 1);
+        if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) total += acc[j][e] * wcol[col];
+      }
+    total = block_sum(total, red);
+    if (tid == 0) {
+      float weights = 0.0f;
+      for (int j = 0; j < T; ++j) weights += wcol[j];
+      out[b * 2] = total;
+      out[b * 2 + 1] = weights * CG;
+    }
+    return;
+  } else {
+    const float sqrt_floor = (float)sqrt_floor_d, self_mask = (float)self_mask_d;
+    const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
+    const float scale = params[b * params_stride], s_in = params[b * params_stride + 1];
+    const float inv_scale = 1.0f / fmaxf(scale, 1e-3f);
+
+    // normalised distances with the self-mask; their row minima (this lane's two rows) and column minima
+    float rmin[2] = {kInf, kInf};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float cm[2] = {kInf, kInf};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+        float n = acc[j][e] * inv_scale;
+        if (j < L::NEG0) n += (row == col) ? self_mask : 0.0f;
+        acc[j][e] = n;
+        if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) {
+          rmin[e >> 1] = fminf(rmin[e >> 1], n);
+          cm[e & 1] = fminf(cm[e & 1], n);
+        }
+      }
+      if constexpr (!LOAD_NORM && NORM == 0) {
+        cm[0] = column_min(cm[0]);
+        cm[1] = column_min(cm[1]);
+        if (g == 0) {
+          cpart[warp * T + 8 * j + 2 * t] = cm[0];
+          cpart[warp * T + 8 * j + 2 * t + 1] = cm[1];
+        }
+      }
+    }
+    rmin[0] = quad_min(rmin[0]);
+    rmin[1] = quad_min(rmin[1]);
+    if constexpr (!LOAD_NORM && NORM == 0) {
+      __syncthreads();
+      for (int j = tid; j < T; j += kThreads)
+        cmin[j] = fminf(fminf(cpart[j], cpart[T + j]), fminf(cpart[2 * T + j], cpart[3 * T + j]));
+    }
+
+    float coef_total[PASS == 3 ? NT : 1][4];  // pass 3: sum over temperatures of the coefficients / lambda_R
+#pragma unroll
+    for (int j = 0; j < (PASS == 3 ? NT : 1); ++j) coef_total[j][0] = coef_total[j][1] = coef_total[j][2] = coef_total[j][3] = 0.0f;
+
+#pragma unroll 1
+    for (int r = 0; r < R; ++r) {
+      const float k2 = kLog2e / temps[r];  // l2 = -n k2 = logit / ln 2
+      float u[2];
+      __syncthreads();  // cmin, and the previous temperature's vcol and cpart readers, are done
+      if constexpr (LOAD_NORM) {
+        const float* nb = norm + (b * R + r) * L::NORM_WIDTH;
+        u[0] = nb[row0];
+        u[1] = nb[row0 + 8];
+        for (int j = tid; j < T; j += kThreads) vcol[j] = nb[kBG + j];
+      } else if constexpr (NORM == 2) {
+        u[0] = u[1] = 0.0f;
+        for (int j = tid; j < T; j += kThreads) vcol[j] = 0.0f;
+      } else {
+        // softmax sums: rows over all targets, columns over the generated rows (4 warps)
+        const float rm[2] = {-rmin[0] * k2, -rmin[1] * k2};
+        float rz[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          float cz[2] = {0.0f, 0.0f};
+          float cmx[2] = {0.0f, 0.0f};
+          if constexpr (NORM == 0) {
+            cmx[0] = -cmin[8 * j + 2 * t] * k2;
+            cmx[1] = -cmin[8 * j + 2 * t + 1] * k2;
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = 8 * j + 2 * t + (e & 1);
+            if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) {
+              const float l2 = -acc[j][e] * k2;
+              rz[e >> 1] += exp2_approx(l2 - rm[e >> 1]);
+              if constexpr (NORM == 0) cz[e & 1] += exp2_approx(l2 - cmx[e & 1]);
+            }
+          }
+          if constexpr (NORM == 0) {
+            cz[0] = column_sum(cz[0]);
+            cz[1] = column_sum(cz[1]);
+            if (g == 0) {
+              cpart[warp * T + 8 * j + 2 * t] = cz[0];
+              cpart[warp * T + 8 * j + 2 * t + 1] = cz[1];
+            }
+          }
+        }
+        rz[0] = quad_sum(rz[0]);
+        rz[1] = quad_sum(rz[1]);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float lz = (NORM == 0 ? 0.5f : 1.0f) * (rm[h] + log2_approx(rz[h]));
+          u[h] = row_ok[h] ? -lz : 0.0f;
+        }
+        if constexpr (NORM == 0) {
+          __syncthreads();
+          for (int j = tid; j < T; j += kThreads) {
+            const float z = ((cpart[j] + cpart[T + j]) + cpart[2 * T + j]) + cpart[3 * T + j];
+            vcol[j] = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
+          }
+        } else {
+          for (int j = tid; j < T; j += kThreads) vcol[j] = 0.0f;
+        }
+      }
+      if constexpr (STORE_NORM) {
+        float* nb = norm + (b * R + r) * L::NORM_WIDTH;
+        if (t == 0) {
+          nb[row0] = u[0];
+          nb[row0 + 8] = u[1];
+        }
+      }
+      __syncthreads();  // vcol
+      if constexpr (STORE_NORM) {
+        float* nb = norm + (b * R + r) * L::NORM_WIDTH;
+        for (int j = tid; j < T; j += kThreads) nb[kBG + j] = vcol[j];
+      }
+
+      // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j (0 on padding) and their row sums
+      float work[NT][4];
+      float s_neg[2] = {0.0f, 0.0f}, s_pos[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * t + (e & 1);
+          float a = 0.0f;
+          if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP))
+            a = fmaxf(exp2_approx(-acc[j][e] * k2 + u[e >> 1] + vcol[col]), sqrt_floor) * wcol[col];
+          work[j][e] = a;
+          if (j < L::POS0) s_neg[e >> 1] += a; else s_pos[e >> 1] += a;
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        s_neg[h] = quad_sum(s_neg[h]);
+        s_pos[h] = quad_sum(s_pos[h]);
+      }
+      // W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1 / lambda_R into one set of coefficients
+      const float inv_l = PASS == 3 ? inv_lambda[b * lambda_stride + r] : 1.0f;
+      const float k_neg = PASS == 3 ? -repulsion * inv_l : -repulsion, k_pos = PASS == 3 ? attraction * inv_l : attraction;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float c = j < L::POS0 ? k_neg * work[j][e] * s_pos[e >> 1] : k_pos * work[j][e] * s_neg[e >> 1];
+          if constexpr (PASS == 3) coef_total[j][e] += c; else work[j][e] = c;
+        }
+      if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2
+        float f_sq = force<NT, NCH, false, false>(work, smem, ys, lane, row0, row_ok, S, CG, s_in, grad, b);
+        f_sq = block_sum(f_sq, red);
+        if (tid == 0) out[b * (R + 1) + r] = f_sq / (s_in * s_in);
+      }
+    }
+    if constexpr (PASS == 3) {
+      float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, smem, ys, lane, row0, row_ok, S, CG, s_in, grad, b);
+      loss = block_sum(loss, red);
+      if (tid == 0) out[b] = loss / (float)(CG * S);
+    }
+  }
+}
+
+}  // namespace drift

@@ -1,0 +1,118 @@
+"""The fused drifting loss's three passes on tensor cores in CUDA C++ (`drift_cuda.cu`), compiled at run time.
+
+Opt-in (`drift_triton.VARIANT["cuda"]`, the benchmarks' `--kernel-variant cuda=true`) while it is measured. Where it
+is on, `drift_triton._Kernel` hands a call to this module when `supports` says the problems fit (bf16 inputs,
+C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 32x32 key of the paper's ablation) and
+runs the Triton kernel otherwise. Same passes, same outputs ([B, 2] scale sums, [B, R + 1] square sums, the loss
+and the gradient), same arithmetic: bf16 tensor-core distances with fp32 accumulation, hi/lo-split force
+coefficients, fp32 softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently
+(base 2, `norm_width` floats per problem and temperature), so both passes of a call take the same path.
+
+The source is compiled with NVRTC through `torch.cuda._compile_kernel` (no C++ build step, no PyTorch headers),
+once per template instance and device; a machine where that fails keeps the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("drift_cuda.cu")
+THREADS = 128  # 4 warps per problem, 16 generated rows each
+ROWS, POSITIVES, NEGATIVES = 64, 64, 16  # padded block sizes of the kernel (kBG, kBP, BN)
+CHUNK, MAX_S = 64, 256  # columns of S per shared-memory chunk; at most 4 chunks stay in shared memory
+NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
+_INT_MAX = 2**31 - 1  # the launcher passes integers as C ints
+
+
+def _targets(c_n: int) -> int:
+    return ROWS + (NEGATIVES if c_n else 0) + POSITIVES
+
+
+def norm_width(c_n: int) -> int:
+    """Floats per problem and temperature of pass 2's normalisers: u of the rows, then v of the targets."""
+    return ROWS + _targets(c_n)
+
+
+def shared_bytes(c_n: int, s: int) -> int:
+    """Dynamic shared memory of one block: the targets' chunks of S, then 8 T + 4 floats of statistics."""
+    t = _targets(c_n)
+    return -(-s // CHUNK) * t * 128 + (8 * t + 4) * 4
+
+
+def _rows_fit(t: Tensor) -> bool:
+    """Rows that cp.async can copy in 16-byte pieces: unit stride along S, 8-element aligned rows and problems."""
+    return (t.stride(2) == 1 and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+            and max(t.stride(0), t.stride(1)) <= _INT_MAX)
+
+
+def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+    """Whether the CUDA kernel takes these problems (else the Triton kernel does)."""
+    tensors = [gen, pos] + ([neg] if neg is not None and neg.shape[1] else [])
+    b, c_g, s = gen.shape
+    return (gen.is_cuda and all(t.dtype == torch.bfloat16 for t in tensors)
+            and 1 <= c_g <= ROWS and 1 <= pos.shape[1] <= POSITIVES and (neg is None or neg.shape[1] <= NEGATIVES)
+            and 8 <= s <= MAX_S and s % 8 == 0 and b * c_g * s <= _INT_MAX and b <= _INT_MAX
+            and all(_rows_fit(t) for t in tensors)
+            and torch.cuda.get_device_capability(gen.device) >= (8, 0) and available(gen.device.index or 0))
+
+
+@functools.cache
+def available(device_index: int) -> bool:
+    """Whether NVRTC compiles and loads the kernel on this device (tried once, with pass 1's instance)."""
+    try:
+        _compiled(1, 0, NEGATIVES, MAX_S // CHUNK, False, False, False, device_index)
+        return True
+    except Exception as err:  # no NVRTC, no CUDA headers where torch looks for them, an old driver
+        warnings.warn(f"drifting: the CUDA drift kernel does not compile here ({err}); using the Triton kernel",
+                      stacklevel=2)
+        return False
+
+
+@functools.cache
+def _compiled(pass_: int, normalize: int, bn: int, chunks: int, store_norm: bool, load_norm: bool,
+              write_grad: bool, device_index: int):
+    flags = ", ".join("true" if f else "false" for f in (store_norm, load_norm, write_grad))
+    name = f"drift::drift_kernel<{pass_}, {normalize}, {bn}, {chunks}, {flags}>"
+    with torch.cuda.device(device_index):
+        kernel = torch.cuda._compile_kernel(SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+        _allow_shared_memory(kernel, shared_bytes(bn, chunks * CHUNK))
+    return kernel
+
+
+def _allow_shared_memory(kernel, size: int) -> None:
+    """Raise the kernel's dynamic shared-memory limit above the default 48 KB (cuFuncSetAttribute)."""
+    if hasattr(kernel, "set_shared_memory_config"):
+        kernel.set_shared_memory_config(size)
+        return
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    max_dynamic_shared_size_bytes = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    _check_cuda(_get_gpu_runtime_library().cuFuncSetAttribute(kernel.func, max_dynamic_shared_size_bytes, size))
+
+
+def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tuple, temps: Tensor,
+           inv_lambda: Tensor, out: Tensor, grad: Tensor | None, params: Tensor, norm: Tensor | None,
+           dummy: Tensor, *, normalize: str, sqrt_floor: float, self_mask: float, attraction: float,
+           repulsion: float, params_stride: int, lambda_stride: int) -> None:
+    """One pass over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
+    weights: (gen, neg, pos) float32 [B, C] or None."""
+    b, c_g, s = gen.shape
+    c_n = 0 if neg is None else neg.shape[1]
+    bn = NEGATIVES if c_n else 0
+    chunks = -(-s // CHUNK)
+    store, load = norm is not None and pass_ == 2, norm is not None and pass_ == 3
+    device = gen.device.index or 0
+    kernel = _compiled(pass_, NORMALIZE_CODE[normalize], bn, chunks, store, load, grad is not None, device)
+    neg_t = neg if c_n else gen
+    args = [gen, neg_t, pos, gen.stride(0), gen.stride(1), neg_t.stride(0), neg_t.stride(1), pos.stride(0),
+            pos.stride(1), *(w if w is not None else dummy for w in weights), *(int(w is not None) for w in weights),
+            temps, inv_lambda, out, grad if grad is not None else dummy, params, norm if norm is not None else dummy,
+            c_g, c_n, pos.shape[1], s, temps.numel(), params_stride, lambda_stride,
+            float(sqrt_floor), float(self_mask), float(attraction), float(repulsion)]
+    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=shared_bytes(bn, s),
+           stream=torch.cuda.current_stream(gen.device))
