@@ -316,7 +316,7 @@ def test_cuda_kernel_equals_reference(shape, cuda_kernel):
     gen, pos, neg, w = inputs(shape, torch.bfloat16, seed=8)
     loss_r, grad_r, info_r = run("reference", gen.float(), pos.float(), None if neg is None else neg.float(), w)
     loss_f, grad_f, info_f = run("fused", gen, pos, neg, w)
-    assert cuda_kernel == [1, 2, 3]
+    assert cuda_kernel == [2, 3]  # pass 1 stays on the Triton kernel
     assert grad_f.dtype == torch.bfloat16
     assert relative(loss_f, loss_r) < 1e-4
     assert relative(info_f["scale"], info_r["scale"]) < 1e-5

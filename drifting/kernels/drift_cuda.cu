@@ -145,7 +145,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 template <int BN>
-__device__ __forceinline__ bool column_valid(int j, int col, int CG, int CN, int CP) {
+__device__ __forceinline__ bool column_valid(int j, int col, int CG, int CN, int CP) {  // j: the n8 tile of col
   if (j < Layout<BN>::NEG0) return col < CG;
   if (j < Layout<BN>::POS0) return col - kBG < CN;
   return col - kBG - BN < CP;
@@ -158,22 +158,32 @@ __device__ __forceinline__ bool target_valid(int col, int CG, int CN, int CP) { 
   return col - kBG - BN < CP;
 }
 
-// F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory. The fp32 coefficients are split into
-// bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum of F^2
-// (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3).
+// F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory, as one product: x_i is target row i, so
+// the rowsum is subtracted from the diagonal coefficient of the generated block. The fp32 coefficients are split
+// into bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum
+// of F^2 (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is
+// consumed.
 template <int NT, int NCH, bool PASS3, bool WRITE_GRAD>
-__device__ __forceinline__ float force(const float (&coef)[NT][4], const unsigned char* smem, u32 ys, int lane,
-                                       int row0, const bool (&row_ok)[2], int S, int CG, float s_in,
+__device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int row0,
+                                       const bool (&row_ok)[2], int S, int CG, float s_in,
                                        u16* __restrict__ grad, long long b) {
   constexpr int T = NT * 8, NK = NT / 2;
-  const int t = lane & 3, mat = lane >> 3;
-  float rsum[2] = {0.0f, 0.0f};
+  const int g = lane >> 2, t = lane & 3, mat = lane >> 3;
+  float rsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // two partial sums per row: shorter dependency chains
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) rsum[e >> 1] += coef[j][e];
-  rsum[0] = quad_sum(rsum[0]);
-  rsum[1] = quad_sum(rsum[1]);
+    for (int e = 0; e < 4; ++e) rsum[e >> 1][j & 1] += coef[j][e];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float r = quad_sum(rsum[h][0] + rsum[h][1]);
+    // row row0 + 8h is column 16 warp + 8h + g: tile 2 warp + h, element 2h + (g & 1) of lane t = g / 2
+#pragma unroll
+    for (int j = 0; j < kBG / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        coef[j][2 * h + e] -= (j == 2 * warp + h && 2 * t + e == g) ? r : 0.0f;  // every element: no indexing
+  }
   // A fragments of the [16, T] coefficients: the accumulator layout of tiles 2kk, 2kk + 1 is the A layout of block kk
   u32 ahi[NK][4], alo[NK][4];
 #pragma unroll
@@ -185,50 +195,57 @@ __device__ __forceinline__ float force(const float (&coef)[NT][4], const unsigne
       ahi[kk][q] = hi;
       alo[kk][q] = pack_bf16(c0 - bf16_low(hi), c1 - bf16_high(hi));
     }
-  const float grad_scale = -2.0f / (s_in * CG * S);
-  float total = 0.0f;
+  const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f / (CG * S);
+  float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
   for (int c = 0; c < NCH; ++c) {
     const u32 base = ys + c * T * 128;
     float f[8][4];
 #pragma unroll
     for (int p = 0; p < 8; ++p) f[p][0] = f[p][1] = f[p][2] = f[p][3] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < NK; ++kk)
+    for (int kk = 0; kk < NK; ++kk) {
+      u32 bf[4][4];
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp)
+        ldsm_x4_trans(base + swizzled(16 * kk + (lane & 7) + 8 * (mat & 1), 2 * pp + (mat >> 1)), bf[pp]);
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp) {  // the high parts first: no product waits for the one before it
+        mma(f[2 * pp], ahi[kk], bf[pp][0], bf[pp][1]);
+        mma(f[2 * pp + 1], ahi[kk], bf[pp][2], bf[pp][3]);
+      }
 #pragma unroll
       for (int pp = 0; pp < 4; ++pp) {
-        u32 bf[4];
-        ldsm_x4_trans(base + swizzled(16 * kk + (lane & 7) + 8 * (mat & 1), 2 * pp + (mat >> 1)), bf);
-        mma(f[2 * pp], ahi[kk], bf[0], bf[1]);
-        mma(f[2 * pp], alo[kk], bf[0], bf[1]);
-        mma(f[2 * pp + 1], ahi[kk], bf[2], bf[3]);
-        mma(f[2 * pp + 1], alo[kk], bf[2], bf[3]);
+        mma(f[2 * pp], alo[kk], bf[pp][0], bf[pp][1]);
+        mma(f[2 * pp + 1], alo[kk], bf[pp][2], bf[pp][3]);
       }
+    }
 #pragma unroll
     for (int p = 0; p < 8; ++p)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = row0 + 8 * h;
-        const u32 xv = *reinterpret_cast<const u32*>(smem + c * T * 128 + swizzled(row, p) + 4 * t);
-        float f0 = f[p][2 * h] - rsum[h] * bf16_low(xv), f1 = f[p][2 * h + 1] - rsum[h] * bf16_high(xv);
+        float f0 = f[p][2 * h], f1 = f[p][2 * h + 1];
         if constexpr (PASS3) {
-          f0 = f0 / s_in;
-          f1 = f1 / s_in;
+          f0 *= inv_s_in;
+          f1 *= inv_s_in;
         }
-        total += f0 * f0 + f1 * f1;
+        total[p & 3] += f0 * f0 + f1 * f1;
         if constexpr (WRITE_GRAD) {
-          const int col = c * kChunk + 8 * p + 2 * t;
+          const int row = row0 + 8 * h, col = c * kChunk + 8 * p + 2 * t;
           if (row_ok[h] && col < S)
-            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) = pack_bf16(grad_scale * f0, grad_scale * f1);
+            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) =
+                pack_bf16(grad_scale * (f0 * inv_s_in), grad_scale * (f1 * inv_s_in));
         }
       }
   }
-  return total;
+  return (total[0] + total[1]) + (total[2] + total[3]);
 }
 
-// PASS 1: per problem [sum_ij w_j d_ij, C_g sum_j w_j]. PASS 2: per problem and temperature sum_is F_R^2 (F_R before
-// the division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none".
-// BN: 16 with negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH).
-// STORE_NORM (pass 2) writes the normalisers u, v in log2 form; LOAD_NORM (pass 3) reads them.
+// PASS 2: per problem and temperature sum_is F_R^2 (F_R before the division by s_in, as the Triton kernel).
+// PASS 3: loss_b and its gradient. (Pass 1, the distance sums, is the Triton kernel's: it streams the inputs with
+// more programs per SM than this kernel's shared memory allows.) NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
+// negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the
+// normalisers u, v in log2 form; LOAD_NORM (pass 3) reads them.
 template <int PASS, int NORM, int BN, int NCH, bool STORE_NORM, bool LOAD_NORM, bool WRITE_GRAD>
 __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     const u16* __restrict__ gen, const u16* __restrict__ neg, const u16* __restrict__ pos,
@@ -239,6 +256,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     u16* __restrict__ grad, const float* __restrict__ params, float* __restrict__ norm,
     int CG, int CN, int CP, int S, int R, int params_stride, int lambda_stride,
     double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
+  static_assert(PASS == 2 || PASS == 3, "passes 2 and 3");
   using L = Layout<BN>;
   constexpr int T = L::T, NT = L::NT;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -248,15 +266,17 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
   const bool row_ok[2] = {row0 < CG, row0 + 8 < CG};
 
   extern __shared__ __align__(128) unsigned char smem[];
-  float* sqn = reinterpret_cast<float*>(smem + NCH * T * 128);  // |y_j|^2
-  float* wcol = sqn + T;    // target weights, 0 on padding
-  float* vcol = wcol + T;   // column normaliser v_j of the current temperature
-  float* cmin = vcol + T;   // column minima of the normalised distances
-  float* cpart = cmin + T;  // [4 warps][T] partial column sums
-  float* red = cpart + 4 * T;
+  // per column pair k = col / 2: {v, v', w, w'} (normaliser of the temperature, weight; 0 on padding)
+  float4* vw = reinterpret_cast<float4*>(smem + NCH * T * 128);
+  float* vwf = reinterpret_cast<float*>(vw);
+  float* sqn = vwf + 2 * T;  // |y_j|^2
+  float* cmin = sqn + T;     // column minima of the normalised distances
+  float* cpart = cmin + T;   // [4 warps][T] partial column sums
+  float* red = cpart + 4 * T;  // 4 floats
   const u32 ys = smem_u32(smem);
 
   // ---- the targets into shared memory, one commit group per chunk, so chunk 0's products start early ----------
+#pragma unroll
   for (int c = 0; c < NCH; ++c) {
     for (int idx = tid; idx < T * 8; idx += kThreads) {
       const int row = idx >> 3, seg = idx & 7, col = c * kChunk + seg * 8;
@@ -286,13 +306,14 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     } else if (j - kBG - BN < CP) {
       w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
     }
-    wcol[j] = w;
+    vwf[4 * (j >> 1) + 2 + (j & 1)] = w;
   }
 
   // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
   for (int c = 0; c < NCH; ++c) {
     cp_async_wait(NCH - 1 - c);
     __syncthreads();
@@ -315,7 +336,8 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
   }
   // squared norms of every target row (the generated rows' are their own)
   for (int row = tid; row < T; row += kThreads) {
-    float sum = 0.0f;
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
     for (int c = 0; c < NCH; ++c) {
 #pragma unroll
       for (int seg = 0; seg < 8; ++seg) {
@@ -324,200 +346,170 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const float lo = bf16_low(w4[q]), hi = bf16_high(w4[q]);
-          sum += lo * lo;
-          sum += hi * hi;
+          sum[q & 1] += lo * lo + hi * hi;
         }
       }
     }
-    sqn[row] = sum;
+    sqn[row] = sum[0] + sum[1];
   }
   __syncthreads();
 
-  // d_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)), in place
+  const float sqrt_floor = (float)sqrt_floor_d, self_mask = (float)self_mask_d;
+  const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
+  const float scale = params[b * params_stride], s_in = params[b * params_stride + 1];
+  const float inv_scale = 1.0f / fmaxf(scale, 1e-3f);
+
+  // normalised distances n_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)) / scale with the self-mask, in
+  // place; their row minima (this lane's two rows) and column minima
+  float rmin[2][2] = {{kInf, kInf}, {kInf, kInf}};
   {
     const float sq_row[2] = {sqn[row0], sqn[row0 + 8]};
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float d2 = (sq_row[e >> 1] + sqn[8 * j + 2 * t + (e & 1)]) - 2.0f * acc[j][e];
-        acc[j][e] = sqrtf(fmaxf(d2, 1e-8f));
-      }
-  }
-
-  if constexpr (PASS == 1) {
-    float total = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = 8 * j + 2 * t + (e & 1);
-        if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) total += acc[j][e] * wcol[col];
-      }
-    total = block_sum(total, red);
-    if (tid == 0) {
-      float weights = 0.0f;
-      for (int j = 0; j < T; ++j) weights += wcol[j];
-      out[b * 2] = total;
-      out[b * 2 + 1] = weights * CG;
-    }
-    return;
-  } else {
-    const float sqrt_floor = (float)sqrt_floor_d, self_mask = (float)self_mask_d;
-    const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
-    const float scale = params[b * params_stride], s_in = params[b * params_stride + 1];
-    const float inv_scale = 1.0f / fmaxf(scale, 1e-3f);
-
-    // normalised distances with the self-mask; their row minima (this lane's two rows) and column minima
-    float rmin[2] = {kInf, kInf};
-#pragma unroll
     for (int j = 0; j < NT; ++j) {
+      const float2 sq_col = *reinterpret_cast<const float2*>(sqn + 8 * j + 2 * t);
       float cm[2] = {kInf, kInf};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = row0 + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
-        float n = acc[j][e] * inv_scale;
+        const float d2 = (sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x)) - 2.0f * acc[j][e];
+        float n = sqrtf(fmaxf(d2, 1e-8f)) * inv_scale;
         if (j < L::NEG0) n += (row == col) ? self_mask : 0.0f;
+        // padding: +inf, so its logit is -inf and every exponential of it exactly 0 (no masks below)
+        if (!(row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP))) n = kInf;
         acc[j][e] = n;
-        if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) {
-          rmin[e >> 1] = fminf(rmin[e >> 1], n);
-          cm[e & 1] = fminf(cm[e & 1], n);
-        }
+        rmin[e >> 1][j & 1] = fminf(rmin[e >> 1][j & 1], n);
+        cm[e & 1] = fminf(cm[e & 1], n);
       }
       if constexpr (!LOAD_NORM && NORM == 0) {
         cm[0] = column_min(cm[0]);
         cm[1] = column_min(cm[1]);
-        if (g == 0) {
-          cpart[warp * T + 8 * j + 2 * t] = cm[0];
-          cpart[warp * T + 8 * j + 2 * t + 1] = cm[1];
-        }
+        if (g == 0) *reinterpret_cast<float2*>(cpart + warp * T + 8 * j + 2 * t) = make_float2(cm[0], cm[1]);
       }
     }
-    rmin[0] = quad_min(rmin[0]);
-    rmin[1] = quad_min(rmin[1]);
-    if constexpr (!LOAD_NORM && NORM == 0) {
-      __syncthreads();
-      for (int j = tid; j < T; j += kThreads)
-        cmin[j] = fminf(fminf(cpart[j], cpart[T + j]), fminf(cpart[2 * T + j], cpart[3 * T + j]));
-    }
+  }
+  const float row_min[2] = {quad_min(fminf(rmin[0][0], rmin[0][1])), quad_min(fminf(rmin[1][0], rmin[1][1]))};
+  if constexpr (!LOAD_NORM && NORM == 0) {
+    __syncthreads();
+    for (int j = tid; j < T; j += kThreads)
+      cmin[j] = fminf(fminf(cpart[j], cpart[T + j]), fminf(cpart[2 * T + j], cpart[3 * T + j]));
+  }
 
-    float coef_total[PASS == 3 ? NT : 1][4];  // pass 3: sum over temperatures of the coefficients / lambda_R
+  float coef_total[PASS == 3 ? NT : 1][4];  // pass 3: sum over temperatures of the coefficients / lambda_R
 #pragma unroll
-    for (int j = 0; j < (PASS == 3 ? NT : 1); ++j) coef_total[j][0] = coef_total[j][1] = coef_total[j][2] = coef_total[j][3] = 0.0f;
+  for (int j = 0; j < (PASS == 3 ? NT : 1); ++j)
+    coef_total[j][0] = coef_total[j][1] = coef_total[j][2] = coef_total[j][3] = 0.0f;
 
 #pragma unroll 1
-    for (int r = 0; r < R; ++r) {
-      const float k2 = kLog2e / temps[r];  // l2 = -n k2 = logit / ln 2
-      float u[2];
-      __syncthreads();  // cmin, and the previous temperature's vcol and cpart readers, are done
-      if constexpr (LOAD_NORM) {
-        const float* nb = norm + (b * R + r) * L::NORM_WIDTH;
-        u[0] = nb[row0];
-        u[1] = nb[row0 + 8];
-        for (int j = tid; j < T; j += kThreads) vcol[j] = nb[kBG + j];
-      } else if constexpr (NORM == 2) {
-        u[0] = u[1] = 0.0f;
-        for (int j = tid; j < T; j += kThreads) vcol[j] = 0.0f;
-      } else {
-        // softmax sums: rows over all targets, columns over the generated rows (4 warps)
-        const float rm[2] = {-rmin[0] * k2, -rmin[1] * k2};
-        float rz[2] = {0.0f, 0.0f};
+  for (int r = 0; r < R; ++r) {
+    const float k2 = kLog2e / temps[r];  // l2 = -n k2 = logit / ln 2
+    float u[2];
+    __syncthreads();  // cmin, and the previous temperature's readers of vw and cpart, are done
+    if constexpr (LOAD_NORM) {
+      const float* nb = norm + (b * R + r) * L::NORM_WIDTH;
+      u[0] = nb[row0];
+      u[1] = nb[row0 + 8];
+      for (int j = tid; j < T; j += kThreads) vwf[4 * (j >> 1) + (j & 1)] = nb[kBG + j];
+    } else if constexpr (NORM == 2) {
+      u[0] = u[1] = 0.0f;
+      for (int j = tid; j < T; j += kThreads) vwf[4 * (j >> 1) + (j & 1)] = 0.0f;
+    } else {
+      // softmax sums: rows over all targets, columns over the generated rows (4 warps); padding adds 0 (NaN only
+      // on padded rows and columns, whose normalisers are set to 0 below)
+      const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
+      float rz[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          float cz[2] = {0.0f, 0.0f};
-          float cmx[2] = {0.0f, 0.0f};
-          if constexpr (NORM == 0) {
-            cmx[0] = -cmin[8 * j + 2 * t] * k2;
-            cmx[1] = -cmin[8 * j + 2 * t + 1] * k2;
-          }
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = 8 * j + 2 * t + (e & 1);
-            if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) {
-              const float l2 = -acc[j][e] * k2;
-              rz[e >> 1] += exp2_approx(l2 - rm[e >> 1]);
-              if constexpr (NORM == 0) cz[e & 1] += exp2_approx(l2 - cmx[e & 1]);
-            }
-          }
-          if constexpr (NORM == 0) {
-            cz[0] = column_sum(cz[0]);
-            cz[1] = column_sum(cz[1]);
-            if (g == 0) {
-              cpart[warp * T + 8 * j + 2 * t] = cz[0];
-              cpart[warp * T + 8 * j + 2 * t + 1] = cz[1];
-            }
-          }
+      for (int j = 0; j < NT; ++j) {
+        float cz[2] = {0.0f, 0.0f};
+        float2 cmx = make_float2(0.0f, 0.0f);
+        if constexpr (NORM == 0) {
+          const float2 cmn = *reinterpret_cast<const float2*>(cmin + 8 * j + 2 * t);
+          cmx = make_float2(-cmn.x * k2, -cmn.y * k2);
         }
-        rz[0] = quad_sum(rz[0]);
-        rz[1] = quad_sum(rz[1]);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float lz = (NORM == 0 ? 0.5f : 1.0f) * (rm[h] + log2_approx(rz[h]));
-          u[h] = row_ok[h] ? -lz : 0.0f;
+        for (int e = 0; e < 4; ++e) {
+          const float l2 = -acc[j][e] * k2;
+          rz[e >> 1][j & 1] += exp2_approx(l2 - rm[e >> 1]);
+          if constexpr (NORM == 0) cz[e & 1] += exp2_approx(l2 - ((e & 1) ? cmx.y : cmx.x));
         }
         if constexpr (NORM == 0) {
-          __syncthreads();
-          for (int j = tid; j < T; j += kThreads) {
-            const float z = ((cpart[j] + cpart[T + j]) + cpart[2 * T + j]) + cpart[3 * T + j];
-            vcol[j] = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
-          }
-        } else {
-          for (int j = tid; j < T; j += kThreads) vcol[j] = 0.0f;
+          cz[0] = column_sum(cz[0]);
+          cz[1] = column_sum(cz[1]);
+          if (g == 0) *reinterpret_cast<float2*>(cpart + warp * T + 8 * j + 2 * t) = make_float2(cz[0], cz[1]);
         }
       }
-      if constexpr (STORE_NORM) {
-        float* nb = norm + (b * R + r) * L::NORM_WIDTH;
-        if (t == 0) {
-          nb[row0] = u[0];
-          nb[row0 + 8] = u[1];
-        }
-      }
-      __syncthreads();  // vcol
-      if constexpr (STORE_NORM) {
-        float* nb = norm + (b * R + r) * L::NORM_WIDTH;
-        for (int j = tid; j < T; j += kThreads) nb[kBG + j] = vcol[j];
-      }
-
-      // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j (0 on padding) and their row sums
-      float work[NT][4];
-      float s_neg[2] = {0.0f, 0.0f}, s_pos[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * j + 2 * t + (e & 1);
-          float a = 0.0f;
-          if (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP))
-            a = fmaxf(exp2_approx(-acc[j][e] * k2 + u[e >> 1] + vcol[col]), sqrt_floor) * wcol[col];
-          work[j][e] = a;
-          if (j < L::POS0) s_neg[e >> 1] += a; else s_pos[e >> 1] += a;
-        }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        s_neg[h] = quad_sum(s_neg[h]);
-        s_pos[h] = quad_sum(s_pos[h]);
+        const float z = quad_sum(rz[h][0] + rz[h][1]);
+        const float lz = (NORM == 0 ? 0.5f : 1.0f) * (rm[h] + log2_approx(z));
+        u[h] = row_ok[h] ? -lz : 0.0f;
       }
-      // W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1 / lambda_R into one set of coefficients
-      const float inv_l = PASS == 3 ? inv_lambda[b * lambda_stride + r] : 1.0f;
-      const float k_neg = PASS == 3 ? -repulsion * inv_l : -repulsion, k_pos = PASS == 3 ? attraction * inv_l : attraction;
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float c = j < L::POS0 ? k_neg * work[j][e] * s_pos[e >> 1] : k_pos * work[j][e] * s_neg[e >> 1];
-          if constexpr (PASS == 3) coef_total[j][e] += c; else work[j][e] = c;
+      if constexpr (NORM == 0) {
+        __syncthreads();
+        for (int j = tid; j < T; j += kThreads) {
+          const float z = ((cpart[j] + cpart[T + j]) + cpart[2 * T + j]) + cpart[3 * T + j];
+          vwf[4 * (j >> 1) + (j & 1)] =
+              target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
         }
-      if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2
-        float f_sq = force<NT, NCH, false, false>(work, smem, ys, lane, row0, row_ok, S, CG, s_in, grad, b);
-        f_sq = block_sum(f_sq, red);
-        if (tid == 0) out[b * (R + 1) + r] = f_sq / (s_in * s_in);
+      } else {
+        for (int j = tid; j < T; j += kThreads) vwf[4 * (j >> 1) + (j & 1)] = 0.0f;
       }
     }
-    if constexpr (PASS == 3) {
-      float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, smem, ys, lane, row0, row_ok, S, CG, s_in, grad, b);
-      loss = block_sum(loss, red);
-      if (tid == 0) out[b] = loss / (float)(CG * S);
+    if constexpr (STORE_NORM) {
+      float* nb = norm + (b * R + r) * L::NORM_WIDTH;
+      if (t == 0) {
+        nb[row0] = u[0];
+        nb[row0 + 8] = u[1];
+      }
     }
+    __syncthreads();  // vw
+    if constexpr (STORE_NORM) {
+      float* nb = norm + (b * R + r) * L::NORM_WIDTH;
+      for (int j = tid; j < T; j += kThreads) nb[kBG + j] = vwf[4 * (j >> 1) + (j & 1)];
+    }
+
+    // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j and their row sums over negatives and positives.
+    // Padded columns weigh 0; padded rows (u = 0, finite A) get no row sums, hence no coefficients.
+    float work[NT][4];
+    float s_neg[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}}, s_pos[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float4 q = vw[4 * j + t];  // {v, v', w, w'} of columns 8j + 2t, 8j + 2t + 1
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float v = (e & 1) ? q.y : q.x, w = (e & 1) ? q.w : q.z;
+        const float a = fmaxf(exp2_approx(-acc[j][e] * k2 + u[e >> 1] + v), sqrt_floor) * w;
+        work[j][e] = a;
+        if (j < L::POS0) s_neg[e >> 1][j & 1] += a; else s_pos[e >> 1][j & 1] += a;
+      }
+    }
+    float sn[2], sp[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float n_sum = quad_sum(s_neg[h][0] + s_neg[h][1]), p_sum = quad_sum(s_pos[h][0] + s_pos[h][1]);
+      sn[h] = row_ok[h] ? n_sum : 0.0f;
+      sp[h] = row_ok[h] ? p_sum : 0.0f;
+    }
+    // W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1 / lambda_R into one set of coefficients
+    const float inv_l = PASS == 3 ? inv_lambda[b * lambda_stride + r] : 1.0f;
+    const float k_neg = PASS == 3 ? -repulsion * inv_l : -repulsion;
+    const float k_pos = PASS == 3 ? attraction * inv_l : attraction;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float c = j < L::POS0 ? k_neg * work[j][e] * sp[e >> 1] : k_pos * work[j][e] * sn[e >> 1];
+        if constexpr (PASS == 3) coef_total[j][e] += c; else work[j][e] = c;
+      }
+    if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2
+      float f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b);
+      f_sq = block_sum(f_sq, red);
+      if (tid == 0) out[b * (R + 1) + r] = f_sq / (s_in * s_in);
+    }
+  }
+  if constexpr (PASS == 3) {
+    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b);
+    loss = block_sum(loss, red);
+    if (tid == 0) out[b] = loss / (float)(CG * S);
   }
 }
 

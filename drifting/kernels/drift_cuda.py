@@ -1,9 +1,10 @@
 """The fused drifting loss's three passes on tensor cores in CUDA C++ (`drift_cuda.cu`), compiled at run time.
 
 Opt-in (`drift_triton.VARIANT["cuda"]`, the benchmarks' `--kernel-variant cuda=true`) while it is measured. Where it
-is on, `drift_triton._Kernel` hands a call to this module when `supports` says the problems fit (bf16 inputs,
-C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 32x32 key of the paper's ablation) and
-runs the Triton kernel otherwise. Same passes, same outputs ([B, 2] scale sums, [B, R + 1] square sums, the loss
+is on, `drift_triton._Kernel` hands passes 2 and 3 of a call to this module when `supports` says the problems fit
+(bf16 inputs, C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 32x32 key of the paper's
+ablation) and runs the Triton kernel otherwise; pass 1 (the distance sums, bound by reading the inputs) stays on
+the Triton kernel, which streams them with more programs per SM. Same outputs ([B, R + 1] square sums, the loss
 and the gradient), same arithmetic: bf16 tensor-core distances with fp32 accumulation, hi/lo-split force
 coefficients, fp32 softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently
 (base 2, `norm_width` floats per problem and temperature), so both passes of a call take the same path.
@@ -39,9 +40,9 @@ def norm_width(c_n: int) -> int:
 
 
 def shared_bytes(c_n: int, s: int) -> int:
-    """Dynamic shared memory of one block: the targets' chunks of S, then 8 T + 4 floats of statistics."""
+    """Dynamic shared memory of one block: the targets' chunks of S, then 8 T + 8 floats of statistics."""
     t = _targets(c_n)
-    return -(-s // CHUNK) * t * 128 + (8 * t + 4) * 4
+    return -(-s // CHUNK) * t * 128 + (8 * t + 8) * 4
 
 
 def _rows_fit(t: Tensor) -> bool:
@@ -63,9 +64,9 @@ def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
 
 @functools.cache
 def available(device_index: int) -> bool:
-    """Whether NVRTC compiles and loads the kernel on this device (tried once, with pass 1's instance)."""
+    """Whether NVRTC compiles and loads the kernel on this device (tried once, with one instance of pass 2)."""
     try:
-        _compiled(1, 0, NEGATIVES, MAX_S // CHUNK, False, False, False, device_index)
+        _compiled(2, 0, NEGATIVES, MAX_S // CHUNK, True, False, False, device_index)
         return True
     except Exception as err:  # no NVRTC, no CUDA headers where torch looks for them, an old driver
         warnings.warn(f"drifting: the CUDA drift kernel does not compile here ({err}); using the Triton kernel",
@@ -99,7 +100,7 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
            inv_lambda: Tensor, out: Tensor, grad: Tensor | None, params: Tensor, norm: Tensor | None,
            dummy: Tensor, *, normalize: str, sqrt_floor: float, self_mask: float, attraction: float,
            repulsion: float, params_stride: int, lambda_stride: int) -> None:
-    """One pass over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
+    """Pass 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
     weights: (gen, neg, pos) float32 [B, C] or None."""
     b, c_g, s = gen.shape
     c_n = 0 if neg is None else neg.shape[1]

@@ -467,7 +467,7 @@ class _Kernel:
         """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale)."""
         per_problem = dict(params_stride=2 if params.dim() == 2 else 0,  # [B, 2] / [B, R]: one per problem
                            lambda_stride=inv_lambda.shape[-1] if inv_lambda.dim() == 2 else 0)
-        if self.cuda is not None:
+        if self.cuda is not None and pass_ != 1:
             c = self.cuda
             drift_cuda.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], inv_lambda, out, grad,
                               params, norm, c["dummy"], **c["options"], **per_problem)
