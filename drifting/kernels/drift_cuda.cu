@@ -99,6 +99,12 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+__device__ __forceinline__ float sqrt_approx(float x) {  // as Triton's tl.sqrt
+  float y;
+  asm("sqrt.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float log2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -257,6 +263,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     int CG, int CN, int CP, int S, int R, int params_stride, int lambda_stride,
     double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
   static_assert(PASS == 2 || PASS == 3, "passes 2 and 3");
+  static_assert(Layout<BN>::T * 8 % kThreads == 0, "every lane takes part in the squared norms' shuffles");
   using L = Layout<BN>;
   constexpr int T = L::T, NT = L::NT;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -334,23 +341,26 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
       }
     }
   }
-  // squared norms of every target row (the generated rows' are their own)
-  for (int row = tid; row < T; row += kThreads) {
+  // squared norms of every target row (the generated rows' are their own): 8 lanes per row, one 16-byte segment
+  // of each chunk per lane, then a sum over the 8 lanes
+  for (int idx = tid; idx < T * 8; idx += kThreads) {
+    const int row = idx >> 3, seg = idx & 7;
     float sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
+      const uint4 v = *reinterpret_cast<const uint4*>(smem + c * T * 128 + swizzled(row, seg));
+      const u32 w4[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int seg = 0; seg < 8; ++seg) {
-        const uint4 v = *reinterpret_cast<const uint4*>(smem + c * T * 128 + swizzled(row, seg));
-        const u32 w4[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float lo = bf16_low(w4[q]), hi = bf16_high(w4[q]);
-          sum[q & 1] += lo * lo + hi * hi;
-        }
+      for (int q = 0; q < 4; ++q) {
+        const float lo = bf16_low(w4[q]), hi = bf16_high(w4[q]);
+        sum[q & 1] += lo * lo + hi * hi;
       }
     }
-    sqn[row] = sum[0] + sum[1];
+    float total = sum[0] + sum[1];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    total += __shfl_xor_sync(0xffffffffu, total, 4);
+    if (seg == 0) sqn[row] = total;
   }
   __syncthreads();
 
@@ -372,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
       for (int e = 0; e < 4; ++e) {
         const int row = row0 + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
         const float d2 = (sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x)) - 2.0f * acc[j][e];
-        float n = sqrtf(fmaxf(d2, 1e-8f)) * inv_scale;
+        float n = sqrt_approx(fmaxf(d2, 1e-8f)) * inv_scale;
         if (j < L::NEG0) n += (row == col) ? self_mask : 0.0f;
         // padding: +inf, so its logit is -inf and every exponential of it exactly 0 (no masks below)
         if (!(row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP))) n = kInf;
@@ -426,10 +436,9 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
           cmx = make_float2(-cmn.x * k2, -cmn.y * k2);
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float l2 = -acc[j][e] * k2;
-          rz[e >> 1][j & 1] += exp2_approx(l2 - rm[e >> 1]);
-          if constexpr (NORM == 0) cz[e & 1] += exp2_approx(l2 - ((e & 1) ? cmx.y : cmx.x));
+        for (int e = 0; e < 4; ++e) {  // l2 - m = -n k2 - m: one fused multiply-add each
+          rz[e >> 1][j & 1] += exp2_approx(fmaf(acc[j][e], -k2, -rm[e >> 1]));
+          if constexpr (NORM == 0) cz[e & 1] += exp2_approx(fmaf(acc[j][e], -k2, -((e & 1) ? cmx.y : cmx.x)));
         }
         if constexpr (NORM == 0) {
           cz[0] = column_sum(cz[0]);
@@ -477,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float v = (e & 1) ? q.y : q.x, w = (e & 1) ? q.w : q.z;
-        const float a = fmaxf(exp2_approx(-acc[j][e] * k2 + u[e >> 1] + v), sqrt_floor) * w;
+        const float a = fmaxf(exp2_approx(fmaf(acc[j][e], -k2, u[e >> 1]) + v), sqrt_floor) * w;
         work[j][e] = a;
         if (j < L::POS0) s_neg[e >> 1][j & 1] += a; else s_pos[e >> 1][j & 1] += a;
       }
@@ -493,12 +502,14 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     const float inv_l = PASS == 3 ? inv_lambda[b * lambda_stride + r] : 1.0f;
     const float k_neg = PASS == 3 ? -repulsion * inv_l : -repulsion;
     const float k_pos = PASS == 3 ? attraction * inv_l : attraction;
+    const float ks_neg[2] = {k_neg * sp[0], k_neg * sp[1]}, ks_pos[2] = {k_pos * sn[0], k_pos * sn[1]};
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float c = j < L::POS0 ? k_neg * work[j][e] * sp[e >> 1] : k_pos * work[j][e] * sn[e >> 1];
-        if constexpr (PASS == 3) coef_total[j][e] += c; else work[j][e] = c;
+        const float k = j < L::POS0 ? ks_neg[e >> 1] : ks_pos[e >> 1];
+        if constexpr (PASS == 3) coef_total[j][e] = fmaf(work[j][e], k, coef_total[j][e]);
+        else work[j][e] *= k;
       }
     if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2
       float f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b);
