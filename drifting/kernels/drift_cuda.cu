@@ -524,4 +524,445 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
   }
 }
 
+// ==== 8 warps per problem: two warps per 16 generated rows, one per column half ====================================
+// Warp w owns rows 16 (w % 4) .. + 15 against one half of the targets: warps 0-3 the generated and negative targets
+// (64 + BN columns), warps 4-7 the positives (64). Half the registers per thread of the 4-warp kernel, so two blocks
+// of 8 warps fit on an SM (16 warps against 8) to hide the latency of the softmaxes' chains. Row statistics are
+// summed over the two halves through shared memory (in a fixed order); the force product is split along its K
+// dimension (the targets): each warp multiplies its half, and the two partial products meet in shared memory.
+
+constexpr int kThreads8 = 256;
+
+struct Params {
+  const u16* gen;
+  const u16* neg;
+  const u16* pos;
+  int sgb, sgr, snb, snr, spb, spr;
+  const float* wg;
+  const float* wn;
+  const float* wp;
+  int has_wg, has_wn, has_wp;
+  const float* temps;
+  const float* inv_lambda;
+  float* out;
+  u16* grad;
+  const float* params;
+  float* norm;
+  int CG, CN, CP, S, R, params_stride, lambda_stride;
+  float sqrt_floor, self_mask, attraction, repulsion;
+};
+
+__device__ __forceinline__ void pair_sync(int rb) {  // the two warps of row block rb (named barriers 1-4)
+  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + rb) : "memory");
+}
+
+// sum over the 8 warps in a fixed order; `red` holds 8 floats; the result is valid in thread 0
+__device__ __forceinline__ float block_sum8(float v, float* red) {
+  v = warp_sum(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return ((red[0] + red[1]) + (red[2] + red[3])) + ((red[4] + red[5]) + (red[6] + red[7]));
+}
+
+template <int BN, int NCH>
+struct Smem8 {  // offsets in floats after the targets' chunks
+  static constexpr int T = Layout<BN>::T;
+  static constexpr int VW = 0, SQN = 2 * T, CMIN = 3 * T, CPART = 4 * T;
+  static constexpr int ROWX = 8 * T;           // [4 kinds][2 halves][64 rows]: row minima, softmax sums, s, rowsums
+  static constexpr int XBUF = ROWX + 4 * 128;  // [2 buffers][4 row blocks][2 halves][32 lanes][8 floats]
+  static constexpr int RED = XBUF + 2 * 4 * 2 * 256;
+  static constexpr int FLOATS = RED + 8;
+};
+
+// F = coef @ Y - rowsum(coef) x for this warp's rows, its K half (targets COL0 ..) being `coef`: each s-chunk of 32
+// columns is multiplied here and in the other half's warp, which exchange partial products through `xbuf` (half 0
+// finalises s-tiles 0-1 of the chunk, half 1 tiles 2-3). Returns this lane's sum of F^2 over what it finalises
+// (pass 2), or of (F / s_in)^2 with the gradient written (pass 3). `coef` is consumed.
+template <int NTW, int COL0, int NCH, bool PASS3, bool WRITE_GRAD>
+__device__ __forceinline__ float half_force(float (&coef)[NTW][4], const Params& P, u32 ys, float* rowx, float* xbuf,
+                                            float s_in, const bool (&row_ok)[2]) {
+  constexpr int T = Layout<(COL0 == 0 ? NTW * 8 - kBG : (COL0 - kBG))>::T, CH = COL0 == 0 ? 0 : 1, NKW = NTW / 2;
+  const int tid = threadIdx.x, lane = tid & 31, rb = (tid >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3, mat = lane >> 3;
+  const int row0 = 16 * rb + g;
+  const long long b = blockIdx.x;
+  float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < NTW; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) rs[e >> 1] += coef[j][e];
+  rs[0] = quad_sum(rs[0]);
+  rs[1] = quad_sum(rs[1]);
+  if (t == 0) {
+    rowx[384 + CH * 64 + row0] = rs[0];
+    rowx[384 + CH * 64 + row0 + 8] = rs[1];
+  }
+  pair_sync(rb);
+  if constexpr (CH == 0) {  // x_i is target row i: the rowsum comes off the diagonal coefficient (one product)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float r = rowx[384 + row0 + 8 * h] + rowx[384 + 64 + row0 + 8 * h];
+#pragma unroll
+      for (int j = 0; j < kBG / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) coef[j][2 * h + e] -= (j == 2 * rb + h && 2 * t + e == g) ? r : 0.0f;
+    }
+  }
+  u32 ahi[NKW][4], alo[NKW][4];
+#pragma unroll
+  for (int kk = 0; kk < NKW; ++kk)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float c0 = coef[2 * kk + (q >> 1)][2 * (q & 1)], c1 = coef[2 * kk + (q >> 1)][2 * (q & 1) + 1];
+      const u32 hi = pack_bf16(c0, c1);
+      ahi[kk][q] = hi;
+      alo[kk][q] = pack_bf16(c0 - bf16_low(hi), c1 - bf16_high(hi));
+    }
+  const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f / (P.CG * P.S);
+  float total[2] = {0.0f, 0.0f};
+#pragma unroll 1
+  for (int sc = 0; sc < 2 * NCH; ++sc) {
+    const int c = sc >> 1, hf = sc & 1;
+    const u32 base = ys + c * T * 128;
+    float f[4][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) f[p][0] = f[p][1] = f[p][2] = f[p][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < NKW; ++kk) {
+      u32 bf[2][4];
+#pragma unroll
+      for (int pp = 0; pp < 2; ++pp)
+        ldsm_x4_trans(base + swizzled(COL0 + 16 * kk + (lane & 7) + 8 * (mat & 1), 4 * hf + 2 * pp + (mat >> 1)),
+                      bf[pp]);
+#pragma unroll
+      for (int pp = 0; pp < 2; ++pp) {
+        mma(f[2 * pp], ahi[kk], bf[pp][0], bf[pp][1]);
+        mma(f[2 * pp + 1], ahi[kk], bf[pp][2], bf[pp][3]);
+      }
+#pragma unroll
+      for (int pp = 0; pp < 2; ++pp) {
+        mma(f[2 * pp], alo[kk], bf[pp][0], bf[pp][1]);
+        mma(f[2 * pp + 1], alo[kk], bf[pp][2], bf[pp][3]);
+      }
+    }
+    constexpr int give = CH == 0 ? 2 : 0, keep = CH == 0 ? 0 : 2;
+    float* mine = xbuf + (((sc & 1) * 4 + rb) * 2 + CH) * 256 + lane * 8;
+    const float* theirs = xbuf + (((sc & 1) * 4 + rb) * 2 + (1 - CH)) * 256 + lane * 8;
+    *reinterpret_cast<float4*>(mine) = make_float4(f[give][0], f[give][1], f[give][2], f[give][3]);
+    *reinterpret_cast<float4*>(mine + 4) = make_float4(f[give + 1][0], f[give + 1][1], f[give + 1][2], f[give + 1][3]);
+    pair_sync(rb);
+    const float4 o0 = *reinterpret_cast<const float4*>(theirs), o1 = *reinterpret_cast<const float4*>(theirs + 4);
+    const float other[2][4] = {{o0.x, o0.y, o0.z, o0.w}, {o1.x, o1.y, o1.z, o1.w}};
+#pragma unroll
+    for (int kp = 0; kp < 2; ++kp)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float f0 = f[keep + kp][2 * h] + other[kp][2 * h], f1 = f[keep + kp][2 * h + 1] + other[kp][2 * h + 1];
+        if constexpr (PASS3) {
+          f0 *= inv_s_in;
+          f1 *= inv_s_in;
+        }
+        total[h] += f0 * f0 + f1 * f1;
+        if constexpr (WRITE_GRAD) {
+          const int row = row0 + 8 * h, col = c * kChunk + 32 * hf + 8 * (keep + kp) + 2 * t;
+          if (row_ok[h] && col < P.S)
+            *reinterpret_cast<u32*>(P.grad + (b * P.CG + row) * P.S + col) =
+                pack_bf16(grad_scale * (f0 * inv_s_in), grad_scale * (f1 * inv_s_in));
+        }
+      }
+  }
+  return total[0] + total[1];
+}
+
+// one warp's part of passes 2-3: rows 16 rb .. 16 rb + 15 against targets COL0 .. COL0 + 8 NTW - 1
+template <int NTW, int COL0, int PASS, int NORM, int BN, int NCH, bool STORE_NORM, bool LOAD_NORM, bool WRITE_GRAD>
+__device__ __forceinline__ void half_warp(const Params& P, unsigned char* smem) {
+  using L = Layout<BN>;
+  using M = Smem8<BN, NCH>;
+  constexpr int T = L::T, CH = COL0 == 0 ? 0 : 1;
+  const int tid = threadIdx.x, lane = tid & 31, rb = (tid >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3, mat = lane >> 3;
+  const long long b = blockIdx.x;
+  const int row0 = 16 * rb + g;
+  const bool row_ok[2] = {row0 < P.CG, row0 + 8 < P.CG};
+  const u32 ys = smem_u32(smem);
+  float* fs = reinterpret_cast<float*>(smem + NCH * T * 128);
+  const float4* vw = reinterpret_cast<const float4*>(fs + M::VW);
+  float* vwf = fs + M::VW;
+  float* sqn = fs + M::SQN;
+  float* cmin = fs + M::CMIN;
+  float* cpart = fs + M::CPART;
+  float* rowx = fs + M::ROWX;
+  float* xbuf = fs + M::XBUF;
+  float* red = fs + M::RED;
+
+  // ---- x_i . y_j for this warp's targets, chunk by chunk as the copies land ---------------------------------------
+  float acc[NTW][4];
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    cp_async_wait(NCH - 1 - c);
+    __syncthreads();
+    const u32 base = ys + c * T * 128;
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      u32 a[4];
+      ldsm_x4(base + swizzled(16 * rb + (lane & 7) + 8 * (mat & 1), 2 * ks + (mat >> 1)), a);
+#pragma unroll
+      for (int jp = 0; jp < NTW / 2; ++jp) {
+        u32 bf[4];
+        ldsm_x4(base + swizzled(COL0 + 16 * jp + 8 * (mat >> 1) + (lane & 7), 2 * ks + (mat & 1)), bf);
+        mma(acc[2 * jp], a, bf[0], bf[1]);
+        mma(acc[2 * jp + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+  // squared norms of every target row: 8 lanes per row, whole warps (T * 8 is a multiple of 128; a warp's 32 items
+  // are 4 whole rows)
+  for (int idx = tid; idx < T * 8; idx += kThreads8) {
+    const int row = idx >> 3, seg = idx & 7;
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const uint4 v = *reinterpret_cast<const uint4*>(smem + c * T * 128 + swizzled(row, seg));
+      const u32 w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float lo = bf16_low(w4[q]), hi = bf16_high(w4[q]);
+        sum[q & 1] += lo * lo + hi * hi;
+      }
+    }
+    float total = sum[0] + sum[1];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    total += __shfl_xor_sync(0xffffffffu, total, 4);
+    if (seg == 0) sqn[row] = total;
+  }
+  __syncthreads();
+
+  const float scale = P.params[b * P.params_stride], s_in = P.params[b * P.params_stride + 1];
+  const float inv_scale = 1.0f / fmaxf(scale, 1e-3f);
+  // normalised distances with the self-mask (padding +inf), their row minima over both halves, column minima
+  float rmin[2] = {kInf, kInf};
+  {
+    const float sq_row[2] = {sqn[row0], sqn[row0 + 8]};
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      constexpr int J0 = COL0 / 8;
+      const float2 sq_col = *reinterpret_cast<const float2*>(sqn + 8 * (J0 + j) + 2 * t);
+      float cm[2] = {kInf, kInf};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + 8 * (e >> 1), col = 8 * (J0 + j) + 2 * t + (e & 1);
+        const float d2 = (sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x)) - 2.0f * acc[j][e];
+        float n = sqrt_approx(fmaxf(d2, 1e-8f)) * inv_scale;
+        if (J0 + j < L::NEG0) n += (row == col) ? P.self_mask : 0.0f;
+        if (!(row_ok[e >> 1] && column_valid<BN>(J0 + j, col, P.CG, P.CN, P.CP))) n = kInf;
+        acc[j][e] = n;
+        rmin[e >> 1] = fminf(rmin[e >> 1], n);
+        cm[e & 1] = fminf(cm[e & 1], n);
+      }
+      if constexpr (!LOAD_NORM && NORM == 0) {
+        cm[0] = column_min(cm[0]);
+        cm[1] = column_min(cm[1]);
+        if (g == 0) *reinterpret_cast<float2*>(cpart + rb * T + 8 * (J0 + j) + 2 * t) = make_float2(cm[0], cm[1]);
+      }
+    }
+  }
+  rmin[0] = quad_min(rmin[0]);
+  rmin[1] = quad_min(rmin[1]);
+  if (t == 0) {
+    rowx[CH * 64 + row0] = rmin[0];
+    rowx[CH * 64 + row0 + 8] = rmin[1];
+  }
+  __syncthreads();  // row minima of both halves; column minima of the 4 row blocks
+  const float row_min[2] = {fminf(rowx[row0], rowx[64 + row0]), fminf(rowx[row0 + 8], rowx[64 + row0 + 8])};
+  if constexpr (!LOAD_NORM && NORM == 0) {
+    for (int j = tid; j < T; j += kThreads8)
+      cmin[j] = fminf(fminf(cpart[j], cpart[T + j]), fminf(cpart[2 * T + j], cpart[3 * T + j]));
+  }
+
+  float coef_total[PASS == 3 ? NTW : 1][4];  // pass 3: sum over temperatures of the coefficients / lambda_R
+#pragma unroll
+  for (int j = 0; j < (PASS == 3 ? NTW : 1); ++j)
+    coef_total[j][0] = coef_total[j][1] = coef_total[j][2] = coef_total[j][3] = 0.0f;
+
+#pragma unroll 1
+  for (int r = 0; r < P.R; ++r) {
+    const float k2 = kLog2e / P.temps[r];
+    float u[2];
+    __syncthreads();  // cmin; the previous temperature's readers of vw, cpart and rowx are done
+    if constexpr (LOAD_NORM) {
+      const float* nb = P.norm + (b * P.R + r) * L::NORM_WIDTH;
+      u[0] = nb[row0];
+      u[1] = nb[row0 + 8];
+      for (int j = tid; j < T; j += kThreads8) vwf[4 * (j >> 1) + (j & 1)] = nb[kBG + j];
+    } else if constexpr (NORM == 2) {
+      u[0] = u[1] = 0.0f;
+      for (int j = tid; j < T; j += kThreads8) vwf[4 * (j >> 1) + (j & 1)] = 0.0f;
+    } else {
+      const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
+      float rz[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+      for (int j = 0; j < NTW; ++j) {
+        constexpr int J0 = COL0 / 8;
+        float cz[2] = {0.0f, 0.0f};
+        float2 cmx = make_float2(0.0f, 0.0f);
+        if constexpr (NORM == 0) {
+          const float2 cmn = *reinterpret_cast<const float2*>(cmin + 8 * (J0 + j) + 2 * t);
+          cmx = make_float2(-cmn.x * k2, -cmn.y * k2);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          rz[e >> 1][j & 1] += exp2_approx(fmaf(acc[j][e], -k2, -rm[e >> 1]));
+          if constexpr (NORM == 0) cz[e & 1] += exp2_approx(fmaf(acc[j][e], -k2, -((e & 1) ? cmx.y : cmx.x)));
+        }
+        if constexpr (NORM == 0) {
+          cz[0] = column_sum(cz[0]);
+          cz[1] = column_sum(cz[1]);
+          if (g == 0) *reinterpret_cast<float2*>(cpart + rb * T + 8 * (J0 + j) + 2 * t) = make_float2(cz[0], cz[1]);
+        }
+      }
+      const float rz_own[2] = {quad_sum(rz[0][0] + rz[0][1]), quad_sum(rz[1][0] + rz[1][1])};
+      if (t == 0) {
+        rowx[128 + CH * 64 + row0] = rz_own[0];
+        rowx[128 + CH * 64 + row0 + 8] = rz_own[1];
+      }
+      __syncthreads();  // row sums of both halves; column sums of the 4 row blocks
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float z = rowx[128 + row0 + 8 * h] + rowx[128 + 64 + row0 + 8 * h];
+        u[h] = row_ok[h] ? -(NORM == 0 ? 0.5f : 1.0f) * (rm[h] + log2_approx(z)) : 0.0f;
+      }
+      for (int j = tid; j < T; j += kThreads8) {
+        float v = 0.0f;
+        if constexpr (NORM == 0) {
+          const float z = ((cpart[j] + cpart[T + j]) + cpart[2 * T + j]) + cpart[3 * T + j];
+          if (target_valid<BN>(j, P.CG, P.CN, P.CP)) v = -0.5f * (-cmin[j] * k2 + log2_approx(z));
+        }
+        vwf[4 * (j >> 1) + (j & 1)] = v;
+      }
+    }
+    if constexpr (STORE_NORM) {
+      float* nb = P.norm + (b * P.R + r) * L::NORM_WIDTH;
+      if (CH == 0 && t == 0) {
+        nb[row0] = u[0];
+        nb[row0 + 8] = u[1];
+      }
+    }
+    __syncthreads();  // vw
+    if constexpr (STORE_NORM) {
+      float* nb = P.norm + (b * P.R + r) * L::NORM_WIDTH;
+      for (int j = tid; j < T; j += kThreads8) nb[kBG + j] = vwf[4 * (j >> 1) + (j & 1)];
+    }
+
+    // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j of this half, and their row sums: s_neg on half 0,
+    // s_pos on half 1, handed to the other half (padded rows get none, hence no coefficients)
+    float work[NTW][4];
+    float s_own[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      const float4 q = vw[4 * (COL0 / 8 + j) + t];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float a = fmaxf(exp2_approx(fmaf(acc[j][e], -k2, u[e >> 1]) + ((e & 1) ? q.y : q.x)), P.sqrt_floor) *
+                        ((e & 1) ? q.w : q.z);
+        work[j][e] = a;
+        s_own[e >> 1][j & 1] += a;
+      }
+    }
+    const float s_sum[2] = {quad_sum(s_own[0][0] + s_own[0][1]), quad_sum(s_own[1][0] + s_own[1][1])};
+    if (t == 0) {
+      rowx[256 + CH * 64 + row0] = s_sum[0];
+      rowx[256 + CH * 64 + row0 + 8] = s_sum[1];
+    }
+    pair_sync(rb);
+    // W- = A- rowsum(A+) on half 0, W+ = A+ rowsum(A-) on half 1; pass 3 folds 1 / lambda_R in
+    const float inv_l = PASS == 3 ? P.inv_lambda[b * P.lambda_stride + r] : 1.0f;
+    const float k = CH == 0 ? -P.repulsion * inv_l : P.attraction * inv_l;
+    float ks[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) ks[h] = row_ok[h] ? k * rowx[256 + (1 - CH) * 64 + row0 + 8 * h] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < NTW; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (PASS == 3) coef_total[j][e] = fmaf(work[j][e], ks[e >> 1], coef_total[j][e]);
+        else work[j][e] *= ks[e >> 1];
+      }
+    if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2
+      float f_sq = half_force<NTW, COL0, NCH, false, false>(work, P, ys, rowx, xbuf, s_in, row_ok);
+      f_sq = block_sum8(f_sq, red);
+      if (tid == 0) P.out[b * (P.R + 1) + r] = f_sq / (s_in * s_in);
+    }
+  }
+  if constexpr (PASS == 3) {
+    float loss = half_force<NTW, COL0, NCH, true, WRITE_GRAD>(coef_total, P, ys, rowx, xbuf, s_in, row_ok);
+    loss = block_sum8(loss, red);
+    if (tid == 0) P.out[b] = loss / (float)(P.CG * P.S);
+  }
+}
+
+template <int PASS, int NORM, int BN, int NCH, bool STORE_NORM, bool LOAD_NORM, bool WRITE_GRAD>
+__global__ void __launch_bounds__(kThreads8, 2) drift_kernel8(
+    const u16* __restrict__ gen, const u16* __restrict__ neg, const u16* __restrict__ pos,
+    int sgb, int sgr, int snb, int snr, int spb, int spr,
+    const float* __restrict__ wg, const float* __restrict__ wn, const float* __restrict__ wp,
+    int has_wg, int has_wn, int has_wp,
+    const float* __restrict__ temps, const float* __restrict__ inv_lambda, float* __restrict__ out,
+    u16* __restrict__ grad, const float* __restrict__ params, float* __restrict__ norm,
+    int CG, int CN, int CP, int S, int R, int params_stride, int lambda_stride,
+    double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
+  static_assert(PASS == 2 || PASS == 3, "passes 2 and 3");
+  using L = Layout<BN>;
+  constexpr int T = L::T;
+  static_assert(T * 8 % 128 == 0, "whole warps in the squared norms' shuffles");
+  const Params P{gen, neg, pos, sgb, sgr, snb, snr, spb, spr, wg, wn, wp, has_wg, has_wn, has_wp, temps,
+                 inv_lambda, out, grad, params, norm, CG, CN, CP, S, R, params_stride, lambda_stride,
+                 (float)sqrt_floor_d, (float)self_mask_d, (float)attraction_d, (float)repulsion_d};
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const long long b = blockIdx.x;
+  const u32 ys = smem_u32(smem);
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    for (int idx = tid; idx < T * 8; idx += kThreads8) {
+      const int row = idx >> 3, seg = idx & 7, col = c * kChunk + seg * 8;
+      const u16* src;
+      bool ok;
+      if (row < kBG) {
+        ok = row < CG;
+        src = gen + b * sgb + (long long)row * sgr + col;
+      } else if (row < kBG + BN) {
+        ok = row - kBG < CN;
+        src = neg + b * snb + (long long)(row - kBG) * snr + col;
+      } else {
+        ok = row - kBG - BN < CP;
+        src = pos + b * spb + (long long)(row - kBG - BN) * spr + col;
+      }
+      ok = ok && col < S;
+      cp_async16(ys + c * T * 128 + swizzled(row, seg), ok ? src : gen, ok);
+    }
+    cp_async_commit();
+  }
+  float* vwf = reinterpret_cast<float*>(smem + NCH * T * 128) + Smem8<BN, NCH>::VW;
+  for (int j = tid; j < T; j += kThreads8) {
+    float w = 0.0f;
+    if (j < kBG) {
+      if (j < CG) w = has_wg ? wg[b * CG + j] : 1.0f;
+    } else if (j < kBG + BN) {
+      if (j - kBG < CN) w = has_wn ? wn[b * CN + j - kBG] : 1.0f;
+    } else if (j - kBG - BN < CP) {
+      w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
+    }
+    vwf[4 * (j >> 1) + 2 + (j & 1)] = w;
+  }
+  if (tid < 128)
+    half_warp<(kBG + BN) / 8, 0, PASS, NORM, BN, NCH, STORE_NORM, LOAD_NORM, WRITE_GRAD>(P, smem);
+  else
+    half_warp<kBP / 8, kBG + BN, PASS, NORM, BN, NCH, STORE_NORM, LOAD_NORM, WRITE_GRAD>(P, smem);
+}
+
 }  // namespace drift
