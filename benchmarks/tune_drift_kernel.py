@@ -39,8 +39,7 @@ VARIANTS = {
     "share_maxnreg168": dict(share_norm=True, split2=True, maxnreg=168),
     "share_maxnreg128": dict(share_norm=True, split2=True, maxnreg=128),
     # the CUDA C++ kernel (drift_cuda.cu) where the problems fit it: inputs staged in shared memory
-    "cuda": dict(share_norm=True, split2=True, cuda=True, cuda_warps=4),
-    "cuda8": dict(share_norm=True, split2=True, cuda=True, cuda_warps=8),
+    "cuda": dict(share_norm=True, split2=True, cuda=True),
 }
 DEFAULT_VARIANT = dict(drift_triton.VARIANT)
 OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,

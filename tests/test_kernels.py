@@ -299,14 +299,12 @@ CUDA_SHAPES = [  # B, C_g, C_p, C_n, S
 ]
 
 
-@pytest.fixture(params=[4, 8], ids=lambda w: f"{w}warps")
-def cuda_kernel(request, monkeypatch):
-    """Turns the CUDA kernel on (4 or 8 warps per problem) and counts its launches: a test that expects it must see
-    it run."""
+@pytest.fixture
+def cuda_kernel(monkeypatch):
+    """Turns the CUDA kernel on and counts its launches: a test that expects it must see it run."""
     from drifting.kernels import drift_cuda, drift_triton
 
     monkeypatch.setitem(drift_triton.VARIANT, "cuda", True)
-    monkeypatch.setitem(drift_triton.VARIANT, "cuda_warps", request.param)
     launches = []
     real = drift_cuda.launch
     monkeypatch.setattr(drift_cuda, "launch", lambda pass_, *a, **k: (launches.append(pass_), real(pass_, *a, **k)))

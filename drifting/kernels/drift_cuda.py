@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("drift_cuda.cu")
-WARPS = (4, 8)  # per problem: 16 generated rows each against all targets, or two warps per row block
+THREADS = 128  # 4 warps per problem, 16 generated rows each
 ROWS, POSITIVES, NEGATIVES = 64, 64, 16  # padded block sizes of the kernel (kBG, kBP, BN)
 CHUNK, MAX_S = 64, 256  # columns of S per shared-memory chunk; at most 4 chunks stay in shared memory
 NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
@@ -39,12 +39,10 @@ def norm_width(c_n: int) -> int:
     return ROWS + _targets(c_n)
 
 
-def shared_bytes(c_n: int, s: int, warps: int = 4) -> int:
-    """Dynamic shared memory of one block: the targets' chunks of S, then the statistics (8 T + 8 floats), and with
-    8 warps the row exchanges (512 floats) and the partial products' buffers (4,096 floats); as `Smem8` there."""
+def shared_bytes(c_n: int, s: int) -> int:
+    """Dynamic shared memory of one block: the targets' chunks of S, then 8 T + 8 floats of statistics."""
     t = _targets(c_n)
-    floats = 8 * t + 8 + (512 + 4096 if warps == 8 else 0)
-    return -(-s // CHUNK) * t * 128 + floats * 4
+    return -(-s // CHUNK) * t * 128 + (8 * t + 8) * 4
 
 
 def _rows_fit(t: Tensor) -> bool:
@@ -78,12 +76,12 @@ def available(device_index: int) -> bool:
 
 @functools.cache
 def _compiled(pass_: int, normalize: int, bn: int, chunks: int, store_norm: bool, load_norm: bool,
-              write_grad: bool, device_index: int, warps: int = 4):
+              write_grad: bool, device_index: int):
     flags = ", ".join("true" if f else "false" for f in (store_norm, load_norm, write_grad))
-    name = f"drift::drift_kernel{'8' if warps == 8 else ''}<{pass_}, {normalize}, {bn}, {chunks}, {flags}>"
+    name = f"drift::drift_kernel<{pass_}, {normalize}, {bn}, {chunks}, {flags}>"
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
-        _allow_shared_memory(kernel, shared_bytes(bn, chunks * CHUNK, warps))
+        _allow_shared_memory(kernel, shared_bytes(bn, chunks * CHUNK))
     return kernel
 
 
@@ -101,7 +99,7 @@ def _allow_shared_memory(kernel, size: int) -> None:
 def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tuple, temps: Tensor,
            inv_lambda: Tensor, out: Tensor, grad: Tensor | None, params: Tensor, norm: Tensor | None,
            dummy: Tensor, *, normalize: str, sqrt_floor: float, self_mask: float, attraction: float,
-           repulsion: float, params_stride: int, lambda_stride: int, warps: int = 4) -> None:
+           repulsion: float, params_stride: int, lambda_stride: int) -> None:
     """Pass 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
     weights: (gen, neg, pos) float32 [B, C] or None."""
     b, c_g, s = gen.shape
@@ -110,12 +108,12 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
     chunks = -(-s // CHUNK)
     store, load = norm is not None and pass_ == 2, norm is not None and pass_ == 3
     device = gen.device.index or 0
-    kernel = _compiled(pass_, NORMALIZE_CODE[normalize], bn, chunks, store, load, grad is not None, device, warps)
+    kernel = _compiled(pass_, NORMALIZE_CODE[normalize], bn, chunks, store, load, grad is not None, device)
     neg_t = neg if c_n else gen
     args = [gen, neg_t, pos, gen.stride(0), gen.stride(1), neg_t.stride(0), neg_t.stride(1), pos.stride(0),
             pos.stride(1), *(w if w is not None else dummy for w in weights), *(int(w is not None) for w in weights),
             temps, inv_lambda, out, grad if grad is not None else dummy, params, norm if norm is not None else dummy,
             c_g, c_n, pos.shape[1], s, temps.numel(), params_stride, lambda_stride,
             float(sqrt_floor), float(self_mask), float(attraction), float(repulsion)]
-    kernel(grid=(b, 1, 1), block=(32 * warps, 1, 1), args=args, shared_mem=shared_bytes(bn, s, warps),
+    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=shared_bytes(bn, s),
            stream=torch.cuda.current_stream(gen.device))

@@ -61,9 +61,7 @@ NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # every key (32x32: 28.6 ms uncapped, 33.0 at 168, 35.9 at 128; docs/benchmarks.md, twelfth sitting): opt-in.
 # cuda = bf16 problems that fit `drift_cuda.supports` (the 32x32 key) run the CUDA C++ kernel of drift_cuda.cu
 # instead (same passes and arithmetic; inputs staged in shared memory): opt-in while it is measured.
-# cuda_warps = the CUDA kernel's warps per problem: 4 (each against all targets) or 8 (two per row block, one per
-# column half: twice the warps per SM).
-VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0, cuda=False, cuda_warps=4)
+VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0, cuda=False)
 MAXNREG_CHOICES = (0, 128, 168, 192, 224)
 
 
@@ -80,10 +78,6 @@ def set_variant(text: str) -> dict:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"kernel variant {name}: expected true or false, got {value!r}")
             new[name] = value.lower() in ("true", "1")
-        elif name == "cuda_warps":
-            if value not in ("4", "8"):
-                raise ValueError(f"kernel variant cuda_warps: expected 4 or 8, got {value!r}")
-            new[name] = int(value)
         elif name == "maxnreg":
             if not value.isdigit() or int(value) not in MAXNREG_CHOICES:
                 raise ValueError(f"kernel variant maxnreg: expected one of {MAXNREG_CHOICES} registers per thread "
@@ -476,7 +470,7 @@ class _Kernel:
         if self.cuda is not None and pass_ != 1:
             c = self.cuda
             drift_cuda.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], inv_lambda, out, grad,
-                              params, norm, c["dummy"], **c["options"], **per_problem, warps=VARIANT["cuda_warps"])
+                              params, norm, c["dummy"], **c["options"], **per_problem)
             return
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
                                         params, norm if norm is not None else self.dummy, *self.strides,
