@@ -41,7 +41,7 @@ VARIANTS = {
     # the CUDA C++ kernel (drift_cuda.cu) where the problems fit it: inputs staged in shared memory
     "cuda": dict(share_norm=True, split2=True, cuda=True),
 }
-DEFAULT_VARIANT = dict(drift_triton.VARIANT)
+DEFAULT_VARIANT = dict(drift_triton.VARIANT, cuda=False)  # every variant on Triton unless it names cuda
 OPTIONS = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy", affinity_floor=1e-6,
                self_mask=100.0, attraction=1.0, repulsion=1.0)
 

@@ -1,7 +1,7 @@
-"""The fused drifting loss's three passes on tensor cores in CUDA C++ (`drift_cuda.cu`), compiled at run time.
+"""Passes 2 and 3 of the fused drifting loss on tensor cores in CUDA C++ (`drift_cuda.cu`), compiled at run time.
 
-Opt-in (`drift_triton.VARIANT["cuda"]`, the benchmarks' `--kernel-variant cuda=true`) while it is measured. Where it
-is on, `drift_triton._Kernel` hands passes 2 and 3 of a call to this module when `supports` says the problems fit
+On by default (`drift_triton.VARIANT["cuda"]`; the benchmarks' `--kernel-variant cuda=false` turns it off).
+`drift_triton._Kernel` hands passes 2 and 3 of a call to this module when `supports` says the problems fit
 (bf16 inputs, C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 32x32 key of the paper's
 ablation) and runs the Triton kernel otherwise; pass 1 (the distance sums, bound by reading the inputs) stays on
 the Triton kernel, which streams them with more programs per SM. Same outputs ([B, R + 1] square sums, the loss
@@ -51,15 +51,20 @@ def _rows_fit(t: Tensor) -> bool:
             and max(t.stride(0), t.stride(1)) <= _INT_MAX)
 
 
-def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
-    """Whether the CUDA kernel takes these problems (else the Triton kernel does)."""
+def shapes_fit(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+    """Whether the problems have the kernel's dtype, sizes and memory layout (on any device)."""
     tensors = [gen, pos] + ([neg] if neg is not None and neg.shape[1] else [])
     b, c_g, s = gen.shape
-    return (gen.is_cuda and all(t.dtype == torch.bfloat16 for t in tensors)
+    return (all(t.dtype == torch.bfloat16 for t in tensors)
             and 1 <= c_g <= ROWS and 1 <= pos.shape[1] <= POSITIVES and (neg is None or neg.shape[1] <= NEGATIVES)
-            and 8 <= s <= MAX_S and s % 8 == 0 and b * c_g * s <= _INT_MAX and b <= _INT_MAX
-            and all(_rows_fit(t) for t in tensors)
-            and torch.cuda.get_device_capability(gen.device) >= (8, 0) and available(gen.device.index or 0))
+            and 8 <= s <= MAX_S and s % 8 == 0 and b * c_g * s <= _INT_MAX and all(_rows_fit(t) for t in tensors))
+
+
+def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+    """Whether the CUDA kernel takes these problems (else the Triton kernel does): they fit, on a GPU of compute
+    capability 8.0 or later (mma.sync, ldmatrix, cp.async) where the kernel compiles."""
+    return (gen.is_cuda and shapes_fit(gen, pos, neg) and torch.cuda.get_device_capability(gen.device) >= (8, 0)
+            and available(gen.device.index or 0))
 
 
 @functools.cache

@@ -1,0 +1,78 @@
+"""The CUDA C++ drift kernel (drifting/kernels/drift_cuda.cu) compiled for an H100/H200 (sm_90) with nvcc on any
+machine that has it: no GPU needed. Every tile of the kernel must live in registers: an array the compiler cannot
+index statically goes to local memory (a 288-byte stack frame per thread when a coefficient was selected by a runtime
+index), and more than a few spilled bytes mean the register budget (255, two blocks per SM) is exceeded."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from drifting.kernels import drift_cuda
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+
+ARGS = ("const u16*, const u16*, const u16*, int, int, int, int, int, int, const float*, const float*, const float*, "
+        "int, int, int, const float*, const float*, float*, u16*, const float*, float*, int, int, int, int, int, int, "
+        "int, double, double, double, double")
+INSTANCES = {  # the ablation's 32x32 key: pass 2 writing the normalisers, pass 3 reading them, pass 3 alone
+    "pass2": "2, 0, 16, 4, true, false, false",
+    "pass3": "3, 0, 16, 4, false, true, true",
+    "pass3_alone": "3, 0, 16, 4, false, false, true",
+    "pass2_no_negatives": "2, 0, 0, 4, true, false, false",
+}
+
+
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cuda")
+    source = tmp / "instances.cu"
+    source.write_text(f'#include "{drift_cuda.SOURCE}"\n' + "".join(
+        f"template __global__ void drift::drift_kernel<{args}>({ARGS});\n" for args in INSTANCES.values()))
+    run = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-Xptxas", "-v", "-c", str(source), "-o",
+                          str(tmp / "instances.o")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = {}
+    for match in re.finditer(r"drift_kernelILi(\d)ELi\d+ELi(\d+)ELi\d+ELb(\d)ELb(\d)ELb(\d).*?\n\s+(\d+) bytes stack "
+                             r"frame, (\d+) bytes spill stores.*?Used (\d+) registers", run.stderr, re.S):
+        pass_, bn, store, load, grad, stack, spill, registers = match.groups()
+        found[(pass_, bn, store, load, grad)] = (int(stack), int(spill), int(registers))
+    return found
+
+
+@needs_nvcc
+def test_every_instance_compiles_and_keeps_its_tiles_in_registers(resources):
+    assert len(resources) == len(INSTANCES), resources
+    for key, (stack, spill, registers) in resources.items():
+        assert registers <= 255, (key, registers)
+        assert stack <= 16 and spill <= 16, (key, stack, spill)
+
+
+def test_shared_memory_fits_two_blocks_on_an_sm():
+    """Two blocks of 4 warps per SM (228 KB of shared memory on an H100/H200, 1 KB reserved per block)."""
+    size = drift_cuda.shared_bytes(16, 256)
+    assert size == 4 * 144 * 128 + (8 * 144 + 8) * 4
+    assert 2 * (size + 1024) <= 228 * 1024
+
+
+def test_the_kernel_takes_only_the_problems_it_was_written_for():
+    """bf16, at most 64 generated, 64 positive and 16 negative rows, S a multiple of 8 up to 256, rows that 16-byte
+    copies can read; anything else stays on the Triton kernel. On the CPU `supports` is always False."""
+    import torch
+
+    def problems(b=4, c_g=64, c_p=64, c_n=16, s=256, dtype=torch.bfloat16):
+        return (torch.zeros(b, c_g, s, dtype=dtype), torch.zeros(b, c_p, s, dtype=dtype),
+                torch.zeros(b, c_n, s, dtype=dtype) if c_n else None)
+
+    assert drift_cuda.shapes_fit(*problems()) and drift_cuda.shapes_fit(*problems(c_g=5, c_p=3, c_n=0, s=8))
+    assert not drift_cuda.supports(*problems())  # CPU tensors
+    for bad in (dict(dtype=torch.float32), dict(c_g=65), dict(c_p=128), dict(c_n=17), dict(s=264), dict(s=100),
+                dict(s=4)):
+        assert not drift_cuda.shapes_fit(*problems(**bad)), bad
+    gen, pos, neg = problems()
+    assert not drift_cuda.shapes_fit(gen.transpose(1, 2).contiguous().transpose(1, 2), pos, neg)  # S not unit-stride
+    assert not drift_cuda.shapes_fit(gen[:, :, 1:249], pos[:, :, :248], neg[:, :, :248])  # rows not 16-byte aligned
