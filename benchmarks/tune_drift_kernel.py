@@ -7,11 +7,13 @@ inputs as timed, and the same problems in fp32).
 
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants recompute,share,share_nosplit2
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants share,share_maxnreg168,share_maxnreg128
+    python benchmarks/tune_drift_kernel.py --key 32x32 --variants share,cuda --check-problems 9,1024
     python benchmarks/tune_drift_kernel.py --key 32x32 --variants share --block-s 32,64 --warps 4,8 --stages 1,2
     python benchmarks/tune_drift_kernel.py --key 16x16 --dtype fp32 --variants share,share_tf32x3 --block-s 16,32,64
 
 With --dtype fp32 the inputs are fp32, as the mean and std keys of a training step; --block-s 0 is the kernel's own
-choice.
+choice. Every variant runs the Triton kernel but "cuda" (passes 2-3 of the problems it takes on drift_cuda.cu, the
+library's default).
 """
 
 from __future__ import annotations

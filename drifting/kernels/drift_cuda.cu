@@ -42,7 +42,6 @@ template <int BN>
 struct Layout {
   static constexpr int T = kBG + BN + kBP;      // targets: generated, negatives (unconditional), positives
   static constexpr int NT = T / 8;              // n8 tiles of the [16, T] tile
-  static constexpr int NK = T / 16;             // k16 blocks of the force product
   static constexpr int NEG0 = kBG / 8;          // first tile of the negatives
   static constexpr int POS0 = (kBG + BN) / 8;   // first tile of the positives
   static constexpr int NORM_WIDTH = kBG + T;    // u (rows), then v (targets), per problem and temperature
@@ -168,7 +167,9 @@ __device__ __forceinline__ bool target_valid(int col, int CG, int CN, int CP) { 
 }
 
 // F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory, as one product: x_i is target row i, so
-// the rowsum is subtracted from the diagonal coefficient of the generated block. The fp32 coefficients are split
+// the rowsum is subtracted from the diagonal coefficient of the generated block (the term then carries the
+// coefficients' ~16 bits instead of an exact fp32 product: the bf16 gradient's error at 1,024 problems is 3.1e-3 of
+// its largest value against 1.5e-3 on the Triton kernel, within the tests' bf16 tolerance). The fp32 coefficients are split
 // into bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum
 // of F^2 (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is
 // consumed.
