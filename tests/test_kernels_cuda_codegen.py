@@ -76,3 +76,27 @@ def test_the_kernel_takes_only_the_problems_it_was_written_for():
     gen, pos, neg = problems()
     assert not drift_cuda.shapes_fit(gen.transpose(1, 2).contiguous().transpose(1, 2), pos, neg)  # S not unit-stride
     assert not drift_cuda.shapes_fit(gen[:, :, 1:249], pos[:, :, :248], neg[:, :, :248])  # rows not 16-byte aligned
+
+
+def _nvrtc():
+    """libnvrtc where ctypes finds it (a CUDA toolkit, or NVRTC's pip package on the library path), else None."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libnvrtc.so.13", "libnvrtc.so.12", ctypes.util.find_library("nvrtc")):
+        try:
+            return ctypes.CDLL(name) if name else None
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="needs NVRTC")
+def test_nvrtc_compiles_the_kernel_without_a_cuda_toolkit():
+    """The path a pip-installed PyTorch takes (no CUDA_HOME): NVRTC alone gives the machine code and the mangled name
+    of an instance, and a compile error comes back with NVRTC's log."""
+    cubin, name = drift_cuda.nvrtc_cubin(drift_cuda.SOURCE.read_text(),
+                                         "drift::drift_kernel<2, 0, 16, 4, true, false, false>", "sm_90", _nvrtc())
+    assert cubin[:4] == b"\x7fELF" and name.startswith("_ZN5drift12drift_kernelILi2E")
+    with pytest.raises(RuntimeError, match="could not compile"):
+        drift_cuda.nvrtc_cubin("not C++", "drift::nothing<1>", "sm_90", _nvrtc())

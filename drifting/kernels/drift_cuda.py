@@ -9,12 +9,14 @@ and the gradient), same arithmetic: bf16 tensor-core distances with fp32 accumul
 coefficients, fp32 softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently
 (base 2, `norm_width` floats per problem and temperature), so both passes of a call take the same path.
 
-The source is compiled with NVRTC through `torch.cuda._compile_kernel` (no C++ build step, no PyTorch headers),
-once per template instance and device; a machine where that fails keeps the Triton kernel.
+The source is compiled with NVRTC (no C++ build step, no header: `torch.cuda._compile_kernel`, or the same calls here
+where PyTorch finds no CUDA toolkit), once per template instance and device; a machine where that fails keeps the
+Triton kernel.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import warnings
 from pathlib import Path
@@ -85,9 +87,60 @@ def _compiled(pass_: int, normalize: int, bn: int, chunks: int, store_norm: bool
     flags = ", ".join("true" if f else "false" for f in (store_norm, load_norm, write_grad))
     name = f"drift::drift_kernel<{pass_}, {normalize}, {bn}, {chunks}, {flags}>"
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+        kernel = _compile(name)
         _allow_shared_memory(kernel, shared_bytes(bn, chunks * CHUNK))
     return kernel
+
+
+def _compile(name: str):
+    """The kernel `name` (a template instance) for the current device, through NVRTC: `torch.cuda._compile_kernel`
+    where PyTorch finds a CUDA toolkit; else the same NVRTC calls without its include paths (torch's helper asks for
+    CUDA_HOME, which a pip-installed PyTorch lacks; this source includes no header)."""
+    try:
+        return torch.cuda._compile_kernel(SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+    except OSError:  # "CUDA_HOME environment variable is not set"
+        from torch.cuda._utils import _cuda_load_module
+
+        major, minor = torch.cuda.get_device_capability()
+        cubin, lowered = nvrtc_cubin(SOURCE.read_text(), name, f"sm_{major}{minor}")
+        return _cuda_load_module(cubin, [lowered])[lowered]
+
+
+def nvrtc_cubin(source: str, name: str, arch: str, library=None) -> tuple[bytes, str]:
+    """Machine code for `arch` ("sm_90") of the instance `name` of `source`, and its mangled name, from NVRTC
+    (`library`: a ctypes handle of libnvrtc, by default PyTorch's)."""
+    if library is None:
+        from torch.cuda._utils import _get_gpu_rtc_library
+
+        library = _get_gpu_rtc_library()
+
+    library.nvrtcGetErrorString.restype = ctypes.c_char_p
+
+    def check(code: int, what: str) -> None:
+        if code != 0:
+            raise RuntimeError(f"NVRTC {what}: {library.nvrtcGetErrorString(code).decode()}")
+
+    program = ctypes.c_void_p()
+    check(library.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"drift_cuda.cu", 0, None, None),
+          "create")
+    try:
+        check(library.nvrtcAddNameExpression(program, name.encode()), "name")
+        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+        if library.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)) != 0:
+            size = ctypes.c_size_t()
+            library.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            library.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC could not compile {name}:\n{log.value.decode()}")
+        size = ctypes.c_size_t()
+        check(library.nvrtcGetCUBINSize(program, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(library.nvrtcGetCUBIN(program, cubin), "cubin")
+        lowered = ctypes.c_char_p()
+        check(library.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)), "lowered name")
+        return cubin.raw, lowered.value.decode()  # copies, before the program is destroyed
+    finally:
+        library.nvrtcDestroyProgram(ctypes.byref(program))
 
 
 def _allow_shared_memory(kernel, size: int) -> None:
