@@ -153,16 +153,23 @@ def test_fused_with_precomputed_stats_over_chunks():
     assert relative(torch.cat(parts), whole) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_stacked_keys_at_their_own_statistics(dtype):
-    """drift_loss(groups=...) on the kernel (per-problem scale and lambdas) equals the reference's separate calls."""
-    gen, pos, neg, w = inputs((40, 64, 64, 16, 256), dtype, seed=5)
+def stacked_keys(dtype, seed):
+    """Three keys' problems stacked (4, 26 and 10 problems, the last at another scale), each key's own statistics
+    stacked per problem, and the reference's loss and gradient of each key called alone at its statistics."""
+    gen, pos, neg, w = inputs((40, 64, 64, 16, 256), dtype, seed=seed)
     pos[30:] = pos[30:] * 3  # the last key at another scale
     parts, groups = [slice(0, 4), slice(4, 30), slice(30, 40)], [4, 26, 10]
     key_stats = [drift_stats(gen[k].float(), pos[k].float(), neg[k].float(), neg_weight=w[k]) for k in parts]
     stacked = DriftStats(*(torch.stack(part) for part in zip(*key_stats)))
     alone = [run("reference", gen[k].float(), pos[k].float(), neg[k].float(), w[k], stats=st)
              for k, st in zip(parts, key_stats)]
+    return gen, pos, neg, w, stacked, groups, alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_stacked_keys_at_their_own_statistics(dtype):
+    """drift_loss(groups=...) on the kernel (per-problem scale and lambdas) equals the reference's separate calls."""
+    gen, pos, neg, w, stacked, groups, alone = stacked_keys(dtype, seed=5)
     loss, grad, info = run("fused", gen, pos, neg, w, stats=stacked, groups=groups)
     assert relative(loss, torch.cat([a[0] for a in alone])) < 1e-4
     torch.testing.assert_close(grad.float(), torch.cat([a[1] for a in alone]), rtol=8e-3 if dtype == torch.bfloat16
@@ -359,13 +366,7 @@ def test_cuda_kernel_options_and_weights(options, cuda_kernel):
 
 def test_cuda_kernel_with_given_and_stacked_statistics(cuda_kernel):
     """Pass 3 alone (training's loss calls): statistics from the chunked passes, one scale and lambda per problem."""
-    gen, pos, neg, w = inputs((40, 64, 64, 16, 256), torch.bfloat16, seed=11)
-    pos[30:] = pos[30:] * 3
-    parts, groups = [slice(0, 4), slice(4, 30), slice(30, 40)], [4, 26, 10]
-    key_stats = [drift_stats(gen[k].float(), pos[k].float(), neg[k].float(), neg_weight=w[k]) for k in parts]
-    stacked = DriftStats(*(torch.stack(part) for part in zip(*key_stats)))
-    alone = [run("reference", gen[k].float(), pos[k].float(), neg[k].float(), w[k], stats=st)
-             for k, st in zip(parts, key_stats)]
+    gen, pos, neg, w, stacked, groups, alone = stacked_keys(torch.bfloat16, seed=11)
     loss, grad, _ = run("fused", gen, pos, neg, w, stats=stacked, groups=groups)
     assert cuda_kernel == [3]
     assert relative(loss, torch.cat([a[0] for a in alone])) < 1e-4

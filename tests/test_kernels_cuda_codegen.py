@@ -91,12 +91,15 @@ def _nvrtc():
     return None
 
 
-@pytest.mark.skipif(_nvrtc() is None, reason="needs NVRTC")
+NVRTC = _nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="needs NVRTC")
 def test_nvrtc_compiles_the_kernel_without_a_cuda_toolkit():
     """The path a pip-installed PyTorch takes (no CUDA_HOME): NVRTC alone gives the machine code and the mangled name
     of an instance, and a compile error comes back with NVRTC's log."""
     cubin, name = drift_cuda.nvrtc_cubin(drift_cuda.SOURCE.read_text(),
-                                         "drift::drift_kernel<2, 0, 16, 4, true, false, false>", "sm_90", _nvrtc())
+                                         "drift::drift_kernel<2, 0, 16, 4, true, false, false>", "sm_90", NVRTC)
     assert cubin[:4] == b"\x7fELF" and name.startswith("_ZN5drift12drift_kernelILi2E")
     with pytest.raises(RuntimeError, match="could not compile"):
-        drift_cuda.nvrtc_cubin("not C++", "drift::nothing<1>", "sm_90", _nvrtc())
+        drift_cuda.nvrtc_cubin("not C++", "drift::nothing<1>", "sm_90", NVRTC)

@@ -96,13 +96,14 @@ def _compile(name: str):
     """The kernel `name` (a template instance) for the current device, through NVRTC: `torch.cuda._compile_kernel`
     where PyTorch finds a CUDA toolkit; else the same NVRTC calls without its include paths (torch's helper asks for
     CUDA_HOME, which a pip-installed PyTorch lacks; this source includes no header)."""
+    source = SOURCE.read_text()
     try:
-        return torch.cuda._compile_kernel(SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+        return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
     except OSError:  # "CUDA_HOME environment variable is not set"
         from torch.cuda._utils import _cuda_load_module
 
         major, minor = torch.cuda.get_device_capability()
-        cubin, lowered = nvrtc_cubin(SOURCE.read_text(), name, f"sm_{major}{minor}")
+        cubin, lowered = nvrtc_cubin(source, name, f"sm_{major}{minor}")
         return _cuda_load_module(cubin, [lowered])[lowered]
 
 
