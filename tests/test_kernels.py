@@ -127,6 +127,40 @@ def test_fused_options(options):
     assert relative(loss_f, loss_r) < 1e-4 and relative(grad_f, grad_r) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_scales_each_problem_once_in_fp32(dtype):
+    """The backward multiplies problem b's gradient by the upstream gradient's entry b: the Triton pass equals the
+    plain PyTorch one (fp32 product, one rounding) bit for bit, for an odd problem size and an expanded scale."""
+    from drifting.kernels.drift_triton import scale_problems_
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    grad = torch.randn(5, 3, 1001, generator=g, device="cuda").to(dtype)
+    for scale in (torch.rand(5, generator=g, device="cuda") * 3 - 1, torch.full((1,), 0.3, device="cuda").expand(5)):
+        expected = (grad.float() * scale[:, None, None]).to(dtype)
+        assert torch.equal(scale_problems_(grad.clone(), scale), expected)
+        assert torch.equal(scale_problems_(grad.cpu(), scale.cpu()), expected.cpu())  # the CPU path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gradient_of_a_weighted_sum_of_losses(dtype, cuda_kernel):
+    """A per-problem weight on the loss (as the feature loss's keys give) reaches the gradient: fused against the
+    reference for sum_b c_b loss_b, on the CUDA kernel's shape (bf16) and the Triton kernel's (fp32)."""
+    gen, pos, neg, w = inputs((12, 64, 64, 16, 256), dtype, seed=8)
+    c = torch.rand(12, generator=torch.Generator(device="cuda").manual_seed(9), device="cuda") * 2 - 0.5
+    grads = []
+    for impl, x in (("reference", gen.float()), ("fused", gen)):
+        leaf = x.detach().clone().requires_grad_()
+        loss, _ = drift_loss(leaf, pos if impl == "fused" else pos.float(), neg if impl == "fused" else neg.float(),
+                             neg_weight=w, impl=impl)
+        (loss * c).sum().backward()
+        grads.append(leaf.grad.float())
+    assert cuda_kernel == ([2, 3] if dtype == torch.bfloat16 else [])
+    if dtype == torch.float32:
+        assert relative(grads[1], grads[0]) < 1e-4
+    else:
+        torch.testing.assert_close(grads[1], grads[0], rtol=8e-3, atol=1e-3 * grads[0].abs().max().item())
+
+
 def test_fused_weights_on_every_column_and_strided_input():
     gen, pos, neg, _ = inputs((6, 12, 20, 4, 64), torch.float32, seed=2)
     g = torch.Generator(device="cuda").manual_seed(3)

@@ -13,13 +13,19 @@
 //
 // Layout of a warp's [16, T] tile in registers: the accumulator of mma.m16n8k16, tile j holds columns 8j..8j+7;
 // element e of tile j of lane (g = lane / 4, t = lane % 4) is row g + 8 (e / 2), column 8j + 2t + (e % 2). Row
-// reductions therefore stay in a quad of lanes (shuffles over lane bits 0-1), column reductions go over lane bits
-// 2-4 and then across the 4 warps through shared memory, in a fixed order (results repeat bit for bit).
+// reductions therefore stay in a quad of lanes (shuffles over lane bits 0-1). For column reductions each lane group
+// (g of a warp: two rows) stores its partial values to shared memory, and one thread per column combines the 32 of
+// them in a fixed order (results repeat bit for bit; no shuffles).
 //
 // Shared memory holds the targets Y = [generated | negatives | positives] as chunks of 64 columns of S, each row
 // 128 bytes whose 16-byte segments are XOR-swizzled by the row (segment s of row r at s ^ (r % 8)): ldmatrix then
 // reads 8 rows without bank conflicts. The generated rows are rows 0..63 of Y: the same tiles serve as the A
 // operand of the distance product and as targets.
+//
+// Pass 2 runs the tensor cores and the exponential units at once: the next temperature's softmax sums are computed
+// between the products of this temperature's force (a compiler can interleave independent instructions within a
+// block of straight-line code; one block of 4 warps per problem and two per SM leave too few warps to hide the
+// latencies otherwise). Per-temperature constants and pass 3's normalisers are read into shared memory once.
 //
 // Statistics: the logits' row and column maxima are taken once from the minima of the normalised distances
 // (max_j(-n_ij k) = -(min_j n_ij) k exactly, since rounding is monotone), so a temperature needs only the softmax
@@ -45,6 +51,7 @@ struct Layout {
   static constexpr int NEG0 = kBG / 8;          // first tile of the negatives
   static constexpr int POS0 = (kBG + BN) / 8;   // first tile of the positives
   static constexpr int NORM_WIDTH = kBG + T;    // u (rows), then v (targets), per problem and temperature
+  static constexpr int PART = T + 4;            // row stride of the column partials (conflict-free float2 stores)
 };
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -126,18 +133,6 @@ __device__ __forceinline__ float quad_min(float v) {
   return fminf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-__device__ __forceinline__ float column_sum(float v) {  // over the 8 lane groups of a warp (its 16 rows)
-  v += __shfl_xor_sync(0xffffffffu, v, 4);
-  v += __shfl_xor_sync(0xffffffffu, v, 8);
-  return v + __shfl_xor_sync(0xffffffffu, v, 16);
-}
-
-__device__ __forceinline__ float column_min(float v) {
-  v = fminf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-  v = fminf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-  return fminf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
@@ -150,6 +145,22 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
   return ((red[0] + red[1]) + red[2]) + red[3];
+}
+
+// column j's 32 partial values in `part` (row 8 w + g: lane group g of warp w, its two rows), combined in a fixed
+// order: a sum, or a minimum
+template <bool MIN, int STRIDE>
+__device__ __forceinline__ float combine_partials(const float* part, int j) {
+  float s[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float a = part[(4 * k) * STRIDE + j], b = part[(4 * k + 1) * STRIDE + j];
+    const float c = part[(4 * k + 2) * STRIDE + j], d = part[(4 * k + 3) * STRIDE + j];
+    s[k] = MIN ? fminf(fminf(a, b), fminf(c, d)) : (a + b) + (c + d);
+  }
+  if constexpr (MIN)
+    return fminf(fminf(fminf(s[0], s[1]), fminf(s[2], s[3])), fminf(fminf(s[4], s[5]), fminf(s[6], s[7])));
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 template <int BN>
@@ -166,17 +177,44 @@ __device__ __forceinline__ bool target_valid(int col, int CG, int CN, int CP) { 
   return col - kBG - BN < CP;
 }
 
+// The softmax sums of tile j of the normalised distances n at k2 = log2(e) / tau: rz (two partial sums per row, of
+// this lane's two rows) += 2^(l2 - m_i); with COLUMNS, this lane's share of the column sums 2^(l2 - m_j) (its two
+// rows) into its row of the partials. l2 - m = -n k2 - m: one fused multiply-add each. The first terms are assigned,
+// not added to 0 (an add of 0 is an instruction). Padding adds 0 (NaN only on padded rows and columns, whose
+// normalisers are set to 0).
+template <bool COLUMNS>
+__device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k2, const float (&rm)[2],
+                                             float (&rz)[2][2], const float* cmin, float* part_row, int t) {
+  float cmx[2] = {0.0f, 0.0f}, cz[2];
+  if constexpr (COLUMNS) {
+    const float2 c = *reinterpret_cast<const float2*>(cmin + 8 * j + 2 * t);
+    cmx[0] = -c.x * k2;
+    cmx[1] = -c.y * k2;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float x = exp2_approx(fmaf(n[e], -k2, -rm[e >> 1]));
+    rz[e >> 1][j & 1] = (j < 2 && (e & 1) == 0) ? x : rz[e >> 1][j & 1] + x;
+    if constexpr (COLUMNS) {
+      const float y = exp2_approx(fmaf(n[e], -k2, -cmx[e & 1]));
+      cz[e & 1] = e < 2 ? y : cz[e & 1] + y;
+    }
+  }
+  if constexpr (COLUMNS) *reinterpret_cast<float2*>(part_row + 8 * j + 2 * t) = make_float2(cz[0], cz[1]);
+}
+
 // F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory, as one product: x_i is target row i, so
 // the rowsum is subtracted from the diagonal coefficient of the generated block (the term then carries the
 // coefficients' ~16 bits instead of an exact fp32 product: the bf16 gradient's error at 1,024 problems is 3.1e-3 of
 // its largest value against 1.5e-3 on the Triton kernel, within the tests' bf16 tolerance). The fp32 coefficients are split
 // into bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum
 // of F^2 (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is
-// consumed.
-template <int NT, int NCH, bool PASS3, bool WRITE_GRAD>
+// consumed. between(step, steps) runs after each of the `steps` steps (16 targets of one chunk of S) of the product:
+// the caller's independent work, which the compiler can then interleave with the tensor-core instructions.
+template <int NT, int NCH, bool PASS3, bool WRITE_GRAD, class Between>
 __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int row0,
                                        const bool (&row_ok)[2], int S, int CG, float s_in,
-                                       u16* __restrict__ grad, long long b) {
+                                       u16* __restrict__ grad, long long b, Between&& between) {
   constexpr int T = NT * 8, NK = NT / 2;
   const int g = lane >> 2, t = lane & 3, mat = lane >> 3;
   float rsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // two partial sums per row: shorter dependency chains
@@ -207,7 +245,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
     }
   const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f / (CG * S);
   float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 1
+#pragma unroll
   for (int c = 0; c < NCH; ++c) {
     const u32 base = ys + c * T * 128;
     float f[8][4];
@@ -229,6 +267,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
         mma(f[2 * pp], alo[kk], bf[pp][0], bf[pp][1]);
         mma(f[2 * pp + 1], alo[kk], bf[pp][2], bf[pp][3]);
       }
+      between(c * NK + kk, NCH * NK);
     }
 #pragma unroll
     for (int p = 0; p < 8; ++p)
@@ -256,6 +295,10 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
 // more programs per SM than this kernel's shared memory allows.) NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
 // negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the
 // normalisers u, v in log2 form; LOAD_NORM (pass 3) reads them.
+//
+// Order of work in pass 2, per temperature: the normalisers from the softmax sums (two barriers for the column
+// sums, "xy" only), the affinities and coefficients, then the force, during which the next temperature's softmax
+// sums are computed (exponentials between the tensor-core products, so the two units work at the same time).
 template <int PASS, int NORM, int BN, int NCH, bool STORE_NORM, bool LOAD_NORM, bool WRITE_GRAD>
 __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     const u16* __restrict__ gen, const u16* __restrict__ neg, const u16* __restrict__ pos,
@@ -268,25 +311,42 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
   static_assert(PASS == 2 || PASS == 3, "passes 2 and 3");
   static_assert(Layout<BN>::T * 8 % kThreads == 0, "every lane takes part in the squared norms' shuffles");
+  static_assert(!(STORE_NORM && LOAD_NORM) && !(LOAD_NORM && PASS == 2) && !(STORE_NORM && PASS == 3),
+                "pass 2 stores the normalisers, pass 3 loads them");
   using L = Layout<BN>;
-  constexpr int T = L::T, NT = L::NT;
+  constexpr int T = L::T, NT = L::NT, W = L::NORM_WIDTH, PART = L::PART;
+  constexpr bool SUMS = NORM != 2 && !LOAD_NORM;  // this pass computes the softmax sums
+  constexpr bool COLUMNS = SUMS && NORM == 0;     // ... and the column ones
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const long long b = blockIdx.x;
   const int row0 = 16 * warp + g;  // this lane's rows: row0 (elements 0, 1) and row0 + 8 (elements 2, 3)
   const bool row_ok[2] = {row0 < CG, row0 + 8 < CG};
 
+  // shared memory (drift_cuda.shared_bytes): the targets' chunks, then floats: the problem's normalisers (LOAD_NORM,
+  // R W), weights, v of the temperature (T each), squared norms, column minima (T each), the 32 lane groups' column
+  // partials (32 PART), log2(e) / tau and 1 / lambda (R each), pass 2's per-warp sums (4 R), 4 for block_sum
   extern __shared__ __align__(128) unsigned char smem[];
-  // per column pair k = col / 2: {v, v', w, w'} (normaliser of the temperature, weight; 0 on padding)
-  float4* vw = reinterpret_cast<float4*>(smem + NCH * T * 128);
-  float* vwf = reinterpret_cast<float*>(vw);
-  float* sqn = vwf + 2 * T;  // |y_j|^2
-  float* cmin = sqn + T;     // column minima of the normalised distances
-  float* cpart = cmin + T;   // [4 warps][T] partial column sums
-  float* red = cpart + 4 * T;  // 4 floats
+  float* nrm = reinterpret_cast<float*>(smem + NCH * T * 128);
+  float* wts = nrm + (LOAD_NORM ? R * W : 0);
+  float* vsm = wts + T;
+  float* sqn = vsm + T;
+  float* cmin = sqn + T;
+  float* part = cmin + T;
+  float* k2s = part + 32 * PART;
+  float* inv_ls = k2s + R;
+  float* fsq = inv_ls + R;
+  float* red = fsq + 4 * R;
+  float* part_row = part + (8 * warp + g) * PART;  // PART = T + 4: this lane group's float2 stores hit 2-way at most
   const u32 ys = smem_u32(smem);
 
-  // ---- the targets into shared memory, one commit group per chunk, so chunk 0's products start early ----------
+  // ---- the inputs into shared memory: the normalisers (LOAD_NORM), then one commit group per chunk of the targets,
+  // so chunk 0's products start early ----------------------------------------------------------------------------
+  if constexpr (LOAD_NORM) {
+    const float* src = norm + b * R * W;
+    for (int idx = tid; idx < R * W / 4; idx += kThreads) cp_async16(smem_u32(nrm + 4 * idx), src + 4 * idx, true);
+    cp_async_commit();
+  }
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
     for (int idx = tid; idx < T * 8; idx += kThreads) {
@@ -317,7 +377,12 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     } else if (j - kBG - BN < CP) {
       w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
     }
-    vwf[4 * (j >> 1) + 2 + (j & 1)] = w;
+    wts[j] = w;
+    if constexpr (!LOAD_NORM && NORM != 0) vsm[j] = 0.0f;  // no column normalisers
+  }
+  for (int r = tid; r < R; r += kThreads) {  // read once, not in the temperature loop
+    k2s[r] = kLog2e / temps[r];              // l2 = -n k2 = logit / ln 2
+    if constexpr (PASS == 3) inv_ls[r] = inv_lambda[b * lambda_stride + r];
   }
 
   // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
@@ -394,19 +459,24 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
         rmin[e >> 1][j & 1] = fminf(rmin[e >> 1][j & 1], n);
         cm[e & 1] = fminf(cm[e & 1], n);
       }
-      if constexpr (!LOAD_NORM && NORM == 0) {
-        cm[0] = column_min(cm[0]);
-        cm[1] = column_min(cm[1]);
-        if (g == 0) *reinterpret_cast<float2*>(cpart + warp * T + 8 * j + 2 * t) = make_float2(cm[0], cm[1]);
-      }
+      if constexpr (COLUMNS) *reinterpret_cast<float2*>(part_row + 8 * j + 2 * t) = make_float2(cm[0], cm[1]);
     }
   }
   const float row_min[2] = {quad_min(fminf(rmin[0][0], rmin[0][1])), quad_min(fminf(rmin[1][0], rmin[1][1]))};
-  if constexpr (!LOAD_NORM && NORM == 0) {
+  if constexpr (COLUMNS) {
     __syncthreads();
-    for (int j = tid; j < T; j += kThreads)
-      cmin[j] = fminf(fminf(cpart[j], cpart[T + j]), fminf(cpart[2 * T + j], cpart[3 * T + j]));
+    for (int j = tid; j < T; j += kThreads) cmin[j] = combine_partials<true, PART>(part, j);
+    __syncthreads();  // cmin; and the partials are free for the column sums
   }
+
+  // the softmax sums of every tile at k2 into rz (and the column partials)
+  float rz[2][2];
+  auto all_sums = [&](float k2) {
+    const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) softmax_sums<COLUMNS>(acc[j], j, k2, rm, rz, cmin, part_row, t);
+  };
+  if constexpr (SUMS) all_sums(k2s[0]);
 
   float coef_total[PASS == 3 ? NT : 1][4];  // pass 3: sum over temperatures of the coefficients / lambda_R
 #pragma unroll
@@ -415,69 +485,46 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
 
 #pragma unroll 1
   for (int r = 0; r < R; ++r) {
-    const float k2 = kLog2e / temps[r];  // l2 = -n k2 = logit / ln 2
+    const float k2 = k2s[r];
+    // the normalisers in log2 form: u_i per row (registers), v_j per target (shared memory)
     float u[2];
-    __syncthreads();  // cmin, and the previous temperature's readers of vw and cpart, are done
+    const float* v = vsm;
     if constexpr (LOAD_NORM) {
-      const float* nb = norm + (b * R + r) * L::NORM_WIDTH;
-      u[0] = nb[row0];
-      u[1] = nb[row0 + 8];
-      for (int j = tid; j < T; j += kThreads) vwf[4 * (j >> 1) + (j & 1)] = nb[kBG + j];
+      u[0] = nrm[r * W + row0];
+      u[1] = nrm[r * W + row0 + 8];
+      v = nrm + r * W + kBG;
     } else if constexpr (NORM == 2) {
       u[0] = u[1] = 0.0f;
-      for (int j = tid; j < T; j += kThreads) vwf[4 * (j >> 1) + (j & 1)] = 0.0f;
     } else {
-      // softmax sums: rows over all targets, columns over the generated rows (4 warps); padding adds 0 (NaN only
-      // on padded rows and columns, whose normalisers are set to 0 below)
-      const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
-      float rz[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        float cz[2] = {0.0f, 0.0f};
-        float2 cmx = make_float2(0.0f, 0.0f);
-        if constexpr (NORM == 0) {
-          const float2 cmn = *reinterpret_cast<const float2*>(cmin + 8 * j + 2 * t);
-          cmx = make_float2(-cmn.x * k2, -cmn.y * k2);
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {  // l2 - m = -n k2 - m: one fused multiply-add each
-          rz[e >> 1][j & 1] += exp2_approx(fmaf(acc[j][e], -k2, -rm[e >> 1]));
-          if constexpr (NORM == 0) cz[e & 1] += exp2_approx(fmaf(acc[j][e], -k2, -((e & 1) ? cmx.y : cmx.x)));
-        }
-        if constexpr (NORM == 0) {
-          cz[0] = column_sum(cz[0]);
-          cz[1] = column_sum(cz[1]);
-          if (g == 0) *reinterpret_cast<float2*>(cpart + warp * T + 8 * j + 2 * t) = make_float2(cz[0], cz[1]);
-        }
+      if constexpr (PASS == 3) {
+        if (r > 0) all_sums(k2);  // pass 2 has them from the last force
       }
+      const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float z = quad_sum(rz[h][0] + rz[h][1]);
         const float lz = (NORM == 0 ? 0.5f : 1.0f) * (rm[h] + log2_approx(z));
         u[h] = row_ok[h] ? -lz : 0.0f;
       }
-      if constexpr (NORM == 0) {
-        __syncthreads();
-        for (int j = tid; j < T; j += kThreads) {
-          const float z = ((cpart[j] + cpart[T + j]) + cpart[2 * T + j]) + cpart[3 * T + j];
-          vwf[4 * (j >> 1) + (j & 1)] =
-              target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
+      float* nb = norm + (b * R + r) * W;
+      if constexpr (STORE_NORM) {
+        if (t == 0) {
+          nb[row0] = u[0];
+          nb[row0 + 8] = u[1];
         }
-      } else {
-        for (int j = tid; j < T; j += kThreads) vwf[4 * (j >> 1) + (j & 1)] = 0.0f;
       }
-    }
-    if constexpr (STORE_NORM) {
-      float* nb = norm + (b * R + r) * L::NORM_WIDTH;
-      if (t == 0) {
-        nb[row0] = u[0];
-        nb[row0 + 8] = u[1];
+      if constexpr (COLUMNS) {
+        __syncthreads();  // the column partials
+        for (int j = tid; j < T; j += kThreads) {
+          const float z = combine_partials<false, PART>(part, j);
+          const float vj = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
+          vsm[j] = vj;
+          if constexpr (STORE_NORM) nb[kBG + j] = vj;
+        }
+        __syncthreads();  // v (the partials are rewritten only after it, by the next temperature's sums)
+      } else if constexpr (STORE_NORM) {
+        for (int j = tid; j < T; j += kThreads) nb[kBG + j] = 0.0f;
       }
-    }
-    __syncthreads();  // vw
-    if constexpr (STORE_NORM) {
-      float* nb = norm + (b * R + r) * L::NORM_WIDTH;
-      for (int j = tid; j < T; j += kThreads) nb[kBG + j] = vwf[4 * (j >> 1) + (j & 1)];
     }
 
     // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j and their row sums over negatives and positives.
@@ -486,11 +533,12 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     float s_neg[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}}, s_pos[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const float4 q = vw[4 * j + t];  // {v, v', w, w'} of columns 8j + 2t, 8j + 2t + 1
+      const float2 vj = *reinterpret_cast<const float2*>(v + 8 * j + 2 * t);
+      const float2 wj = *reinterpret_cast<const float2*>(wts + 8 * j + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float v = (e & 1) ? q.y : q.x, w = (e & 1) ? q.w : q.z;
-        const float a = fmaxf(exp2_approx(fmaf(acc[j][e], -k2, u[e >> 1]) + v), sqrt_floor) * w;
+        const float a = fmaxf(exp2_approx(fmaf(acc[j][e], -k2, u[e >> 1]) + ((e & 1) ? vj.y : vj.x)), sqrt_floor) *
+                        ((e & 1) ? wj.y : wj.x);
         work[j][e] = a;
         if (j < L::POS0) s_neg[e >> 1][j & 1] += a; else s_pos[e >> 1][j & 1] += a;
       }
@@ -503,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
       sp[h] = row_ok[h] ? p_sum : 0.0f;
     }
     // W- = A- rowsum(A+), W+ = A+ rowsum(A-); pass 3 folds 1 / lambda_R into one set of coefficients
-    const float inv_l = PASS == 3 ? inv_lambda[b * lambda_stride + r] : 1.0f;
+    const float inv_l = PASS == 3 ? inv_ls[r] : 1.0f;
     const float k_neg = PASS == 3 ? -repulsion * inv_l : -repulsion;
     const float k_pos = PASS == 3 ? attraction * inv_l : attraction;
     const float ks_neg[2] = {k_neg * sp[0], k_neg * sp[1]}, ks_pos[2] = {k_pos * sn[0], k_pos * sn[1]};
@@ -515,14 +563,33 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
         if constexpr (PASS == 3) coef_total[j][e] = fmaf(work[j][e], k, coef_total[j][e]);
         else work[j][e] *= k;
       }
-    if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2
-      float f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b);
-      f_sq = block_sum(f_sq, red);
-      if (tid == 0) out[b * (R + 1) + r] = f_sq / (s_in * s_in);
+    if constexpr (PASS == 2) {  // sum over (i, s) of F_R^2, and the next temperature's softmax sums meanwhile
+      float f_sq;
+      if (SUMS && r + 1 < R) {
+        const float k2n = k2s[r + 1];
+        const float rmn[2] = {-row_min[0] * k2n, -row_min[1] * k2n};
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
+                                            [&](int step, int steps) {  // the tiles j with j steps / NT == step
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+            if (j * steps / NT == step) softmax_sums<COLUMNS>(acc[j], j, k2n, rmn, rz, cmin, part_row, t);
+        });
+      } else {
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
+                                            [](int, int) {});
+      }
+      f_sq = warp_sum(f_sq);
+      if (lane == 0) fsq[4 * r + warp] = f_sq;
     }
   }
+  if constexpr (PASS == 2) {
+    __syncthreads();
+    for (int r = tid; r < R; r += kThreads)
+      out[b * (R + 1) + r] = (((fsq[4 * r] + fsq[4 * r + 1]) + fsq[4 * r + 2]) + fsq[4 * r + 3]) / (s_in * s_in);
+  }
   if constexpr (PASS == 3) {
-    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b);
+    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
+                                                 [](int, int) {});
     loss = block_sum(loss, red);
     if (tid == 0) out[b] = loss / (float)(CG * S);
   }

@@ -41,10 +41,13 @@ def norm_width(c_n: int) -> int:
     return ROWS + _targets(c_n)
 
 
-def shared_bytes(c_n: int, s: int) -> int:
-    """Dynamic shared memory of one block: the targets' chunks of S, then 8 T + 8 floats of statistics."""
+def shared_bytes(c_n: int, s: int, num_temperatures: int, load_norm: bool) -> int:
+    """Dynamic shared memory of one block (the kernel's layout): the targets' chunks of S, then floats: the
+    normalisers of every temperature (pass 3 reading pass 2's), 4 T of weights, v, squared norms and column minima,
+    32 (T + 4) column partials, 6 per temperature and 4 more."""
     t = _targets(c_n)
-    return -(-s // CHUNK) * t * 128 + (8 * t + 8) * 4
+    floats = (num_temperatures * norm_width(c_n) if load_norm else 0) + 4 * t + 32 * (t + 4) + 6 * num_temperatures + 4
+    return -(-s // CHUNK) * t * 128 + 4 * floats
 
 
 def _rows_fit(t: Tensor) -> bool:
@@ -53,20 +56,26 @@ def _rows_fit(t: Tensor) -> bool:
             and max(t.stride(0), t.stride(1)) <= _INT_MAX)
 
 
-def shapes_fit(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
-    """Whether the problems have the kernel's dtype, sizes and memory layout (on any device)."""
+def shapes_fit(gen: Tensor, pos: Tensor, neg: Tensor | None, num_temperatures: int,
+               shared_limit: int = 227 * 1024) -> bool:
+    """Whether the problems have the kernel's dtype, sizes and memory layout (on any device), and a block's shared
+    memory fits `shared_limit` bytes (an H100's or H200's by default)."""
     tensors = [gen, pos] + ([neg] if neg is not None and neg.shape[1] else [])
     b, c_g, s = gen.shape
+    c_n = 0 if neg is None else neg.shape[1]
     return (all(t.dtype == torch.bfloat16 for t in tensors)
-            and 1 <= c_g <= ROWS and 1 <= pos.shape[1] <= POSITIVES and (neg is None or neg.shape[1] <= NEGATIVES)
-            and 8 <= s <= MAX_S and s % 8 == 0 and b * c_g * s <= _INT_MAX and all(_rows_fit(t) for t in tensors))
+            and 1 <= c_g <= ROWS and 1 <= pos.shape[1] <= POSITIVES and c_n <= NEGATIVES
+            and 8 <= s <= MAX_S and s % 8 == 0 and b * c_g * s <= _INT_MAX and all(_rows_fit(t) for t in tensors)
+            and shared_bytes(c_n, s, num_temperatures, True) <= shared_limit)
 
 
-def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
+def supports(gen: Tensor, pos: Tensor, neg: Tensor | None, num_temperatures: int) -> bool:
     """Whether the CUDA kernel takes these problems (else the Triton kernel does): they fit, on a GPU of compute
     capability 8.0 or later (mma.sync, ldmatrix, cp.async) where the kernel compiles."""
-    return (gen.is_cuda and shapes_fit(gen, pos, neg) and torch.cuda.get_device_capability(gen.device) >= (8, 0)
-            and available(gen.device.index or 0))
+    if not gen.is_cuda or torch.cuda.get_device_capability(gen.device) < (8, 0):
+        return False
+    limit = torch.cuda.get_device_properties(gen.device).shared_memory_per_block_optin
+    return shapes_fit(gen, pos, neg, num_temperatures, limit) and available(gen.device.index or 0)
 
 
 @functools.cache
@@ -88,7 +97,7 @@ def _compiled(pass_: int, normalize: int, bn: int, chunks: int, store_norm: bool
     name = f"drift::drift_kernel<{pass_}, {normalize}, {bn}, {chunks}, {flags}>"
     with torch.cuda.device(device_index):
         kernel = _compile(name)
-        _allow_shared_memory(kernel, shared_bytes(bn, chunks * CHUNK))
+        _allow_shared_memory(kernel, torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin)
     return kernel
 
 
@@ -174,5 +183,5 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
             temps, inv_lambda, out, grad if grad is not None else dummy, params, norm if norm is not None else dummy,
             c_g, c_n, pos.shape[1], s, temps.numel(), params_stride, lambda_stride,
             float(sqrt_floor), float(self_mask), float(attraction), float(repulsion)]
-    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=shared_bytes(bn, s),
+    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=shared_bytes(c_n, s, temps.numel(), load),
            stream=torch.cuda.current_stream(gen.device))
