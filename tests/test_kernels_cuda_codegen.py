@@ -27,13 +27,15 @@ INSTANCES = {  # the ablation's 32x32 key: pass 2 writing the normalisers, pass 
 }
 
 
-@pytest.fixture(scope="module")
-def resources(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sm_90a", "sm_90"])
+def resources(request, tmp_path_factory):
+    """Registers, stack and spills of each instance: sm_90a (an H100/H200: wgmma) and sm_90 (the mma.sync code that
+    other GPUs run)."""
     tmp = tmp_path_factory.mktemp("cuda")
     source = tmp / "instances.cu"
     source.write_text(f'#include "{drift_cuda.SOURCE}"\n' + "".join(
         f"template __global__ void drift::drift_kernel<{args}>({ARGS});\n" for args in INSTANCES.values()))
-    run = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-Xptxas", "-v", "-c", str(source), "-o",
+    run = subprocess.run([NVCC, f"-arch={request.param}", "-std=c++17", "-Xptxas", "-v", "-c", str(source), "-o",
                           str(tmp / "instances.o")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     found = {}
@@ -41,18 +43,26 @@ def resources(tmp_path_factory):
                              r"frame, (\d+) bytes spill stores.*?Used (\d+) registers", run.stderr, re.S):
         pass_, bn, store, load, grad, stack, spill, registers = match.groups()
         found[(pass_, bn, store, load, grad)] = (int(stack), int(spill), int(registers))
-    return found
+    return request.param, found
 
 
 @needs_nvcc
 def test_every_instance_compiles_and_keeps_its_tiles_in_registers(resources):
-    assert len(resources) == len(INSTANCES), resources
-    for key, (stack, spill, registers) in resources.items():
+    arch, found = resources
+    assert len(found) == len(INSTANCES), found
+    # With mma.sync, pass 2 spills a few loop-invariant values (addresses) to keep the force's fragments, the
+    # distances and the next temperature's softmax sums in registers at once: ~100 bytes, read from L1 a few dozen
+    # times per temperature. A tile in local memory would take 288 bytes or more. wgmma needs no B fragments.
+    limit = 16 if arch == "sm_90a" else 128
+    for key, (stack, spill, registers) in found.items():
         assert registers <= 255, (key, registers)
-        # pass 2 spills a few loop-invariant values (addresses) to keep the force's fragments, the distances and the
-        # next temperature's softmax sums in registers at once: ~100 bytes, read from L1 a few dozen times per
-        # temperature. A tile in local memory would take 288 bytes or more.
-        assert stack <= 128 and spill <= 128, (key, stack, spill)
+        assert stack <= limit and spill <= limit, (arch, key, stack, spill)
+
+
+def test_architecture_names():
+    """NVRTC compiles for the device's own architecture; Hopper's wgmma needs the "a" (arch-specific) target."""
+    assert drift_cuda.arch((9, 0)) == "sm_90a"
+    assert drift_cuda.arch((8, 0)) == "sm_80" and drift_cuda.arch((8, 9)) == "sm_89"
 
 
 def test_shared_memory_fits_two_blocks_on_an_sm():
@@ -103,11 +113,13 @@ NVRTC = _nvrtc()
 
 
 @pytest.mark.skipif(NVRTC is None, reason="needs NVRTC")
-def test_nvrtc_compiles_the_kernel_without_a_cuda_toolkit():
-    """The path a pip-installed PyTorch takes (no CUDA_HOME): NVRTC alone gives the machine code and the mangled name
-    of an instance, and a compile error comes back with NVRTC's log."""
-    cubin, name = drift_cuda.nvrtc_cubin(drift_cuda.SOURCE.read_text(),
-                                         "drift::drift_kernel<2, 0, 16, 4, true, false, false>", "sm_90", NVRTC)
-    assert cubin[:4] == b"\x7fELF" and name.startswith("_ZN5drift12drift_kernelILi2E")
+def test_nvrtc_compiles_the_kernel_for_hopper_and_older_gpus():
+    """The kernel's compile path: NVRTC alone (no CUDA toolkit, no header) gives the machine code and the mangled
+    name of an instance for Hopper (wgmma) and for an older GPU (mma.sync), and a compile error comes back with
+    NVRTC's log."""
+    for target in ("sm_90a", "sm_80"):
+        cubin, name = drift_cuda.nvrtc_cubin(drift_cuda.SOURCE.read_text(),
+                                             "drift::drift_kernel<2, 0, 16, 4, true, false, false>", target, NVRTC)
+        assert cubin[:4] == b"\x7fELF" and name.startswith("_ZN5drift12drift_kernelILi2E")
     with pytest.raises(RuntimeError, match="could not compile"):
         drift_cuda.nvrtc_cubin("not C++", "drift::nothing<1>", "sm_90", NVRTC)

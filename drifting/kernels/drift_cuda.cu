@@ -93,6 +93,101 @@ __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Hopper (sm_90a): warpgroup products (wgmma). The block's 4 warps issue one asynchronous instruction for the
+// whole 64-row tile, go on with other work (exponentials), and wait for it; B (and the distance product's A) are
+// read from shared memory through a descriptor: start address, 1024 bytes between 8-row groups, 128-byte swizzle,
+// which is exactly the layout of the targets' chunks (segment s of row r at s ^ (r % 8), chunks 1024-byte aligned).
+// A k-step of 16 columns of S starts 32 bytes further (K-major); one of 16 targets 2048 bytes further (MN-major,
+// the force's B). The accumulator and register-A layouts equal mma.m16n8k16's, warp w holding rows 16w..16w+15.
+// Elsewhere (sm_80, sm_86, ...) the kernel runs on mma.sync.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DRIFT_WGMMA 1
+
+__device__ __forceinline__ unsigned long long smem_desc(u32 addr) {
+  constexpr unsigned long long kRowGroups = 1024 >> 4, kSwizzle128 = 1ull << 62;
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (kRowGroups << 32) | kSwizzle128;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// shared memory written by ordinary stores and cp.async, made visible to wgmma (the async proxy)
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d (+)= A B^T for A [64, 16] and B [N, 16] K-major in shared memory (accumulate: 0 overwrites d)
+__device__ __forceinline__ void wgmma_ss(float (&d)[18][4], unsigned long long a, unsigned long long b,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %74, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n144k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, "
+      "%54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71"
+      "}, %72, %73, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+      "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+      "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+      "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+      "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+      "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+      "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+      "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+      "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]), "+f"(d[16][0]), "+f"(d[16][1]),
+      "+f"(d[16][2]), "+f"(d[16][3]), "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], unsigned long long a, unsigned long long b,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, "
+      "%54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+      "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+      "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+      "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+      "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+      "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+      "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+      "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+      "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// d (+)= a B for a [64, 16] in registers and B [16, 64] MN-major in shared memory
+__device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const u32 (&a)[4], unsigned long long b,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      :
+      "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+      "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+      "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+      "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+#else
+#define DRIFT_WGMMA 0
+#endif
+
 __device__ __forceinline__ float bf16_low(u32 v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_high(u32 v) { return __uint_as_float(v & 0xffff0000u); }
 
@@ -209,8 +304,9 @@ __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k
 // its largest value against 1.5e-3 on the Triton kernel, within the tests' bf16 tolerance). The fp32 coefficients are split
 // into bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum
 // of F^2 (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is
-// consumed. between(step, steps) runs after each of the `steps` steps (16 targets of one chunk of S) of the product:
-// the caller's independent work, which the compiler can then interleave with the tensor-core instructions.
+// consumed. between(step, steps) is the caller's independent work, run in `steps` parts: with wgmma one per chunk
+// of S while its products run; with mma.sync one per 16 targets of a chunk, for the compiler to interleave with the
+// tensor-core instructions.
 template <int NT, int NCH, bool PASS3, bool WRITE_GRAD, class Between>
 __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int row0,
                                        const bool (&row_ok)[2], int S, int CG, float s_in,
@@ -249,6 +345,16 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   for (int c = 0; c < NCH; ++c) {
     const u32 base = ys + c * T * 128;
     float f[8][4];
+#if DRIFT_WGMMA
+    wgmma_fence();  // f was read by the previous chunk's epilogue
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) wgmma_rs(f, ahi[kk], smem_desc(base + kk * 2048), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) wgmma_rs(f, alo[kk], smem_desc(base + kk * 2048), 1);
+    wgmma_commit();
+    between(c, NCH);  // while the tensor cores work
+    wgmma_wait_all();
+#else
 #pragma unroll
     for (int p = 0; p < 8; ++p) f[p][0] = f[p][1] = f[p][2] = f[p][3] = 0.0f;
 #pragma unroll
@@ -269,6 +375,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
       }
       between(c * NK + kk, NCH * NK);
     }
+#endif
 #pragma unroll
     for (int p = 0; p < 8; ++p)
 #pragma unroll
@@ -326,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
   // shared memory (drift_cuda.shared_bytes): the targets' chunks, then floats: the problem's normalisers (LOAD_NORM,
   // R W), weights, v of the temperature (T each), squared norms, column minima (T each), the 32 lane groups' column
   // partials (32 PART), log2(e) / tau and 1 / lambda (R each), pass 2's per-warp sums (4 R), 4 for block_sum
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];  // 1024: wgmma's swizzle atoms
   float* nrm = reinterpret_cast<float*>(smem + NCH * T * 128);
   float* wts = nrm + (LOAD_NORM ? R * W : 0);
   float* vsm = wts + T;
@@ -389,6 +496,22 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#if DRIFT_WGMMA
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    cp_async_wait(NCH - 1 - c);
+    fence_proxy_async();
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      const unsigned long long d = smem_desc(ys + c * T * 128 + ks * 32);  // A: rows 0..63 of the same chunk
+      wgmma_ss(acc, d, d, 1);
+    }
+    wgmma_commit();
+  }
+  wgmma_wait_all();
+#else
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
     cp_async_wait(NCH - 1 - c);
@@ -410,6 +533,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
       }
     }
   }
+#endif
   // squared norms of every target row (the generated rows' are their own): 8 lanes per row, one 16-byte segment
   // of each chunk per lane, then a sum over the 8 lanes
   for (int idx = tid; idx < T * 8; idx += kThreads) {

@@ -9,9 +9,10 @@ and the gradient), same arithmetic: bf16 tensor-core distances with fp32 accumul
 coefficients, fp32 softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently
 (base 2, `norm_width` floats per problem and temperature), so both passes of a call take the same path.
 
-The source is compiled with NVRTC (no C++ build step, no header: `torch.cuda._compile_kernel`, or the same calls here
-where PyTorch finds no CUDA toolkit), once per template instance and device; a machine where that fails keeps the
-Triton kernel.
+The source is compiled with NVRTC (no C++ build step, no header, no CUDA toolkit: the NVRTC library PyTorch ships
+with), once per template instance and device, for the device's own architecture: on an H100/H200 ("sm_90a") the
+products are Hopper's asynchronous warpgroup instructions (wgmma), elsewhere mma.sync. A machine where compiling
+fails keeps the Triton kernel.
 """
 
 from __future__ import annotations
@@ -102,18 +103,19 @@ def _compiled(pass_: int, normalize: int, bn: int, chunks: int, store_norm: bool
 
 
 def _compile(name: str):
-    """The kernel `name` (a template instance) for the current device, through NVRTC: `torch.cuda._compile_kernel`
-    where PyTorch finds a CUDA toolkit; else the same NVRTC calls without its include paths (torch's helper asks for
-    CUDA_HOME, which a pip-installed PyTorch lacks; this source includes no header)."""
-    source = SOURCE.read_text()
-    try:
-        return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
-    except OSError:  # "CUDA_HOME environment variable is not set"
-        from torch.cuda._utils import _cuda_load_module
+    """The kernel `name` (a template instance) for the current device, through NVRTC: machine code for its
+    architecture, "sm_90a" on an H100/H200 (the wgmma instructions exist only there), loaded with the driver. The
+    source includes no header, so no CUDA toolkit is needed, only the NVRTC library PyTorch ships with."""
+    from torch.cuda._utils import _cuda_load_module
 
-        major, minor = torch.cuda.get_device_capability()
-        cubin, lowered = nvrtc_cubin(source, name, f"sm_{major}{minor}")
-        return _cuda_load_module(cubin, [lowered])[lowered]
+    cubin, lowered = nvrtc_cubin(SOURCE.read_text(), name, arch(torch.cuda.get_device_capability()))
+    return _cuda_load_module(cubin, [lowered])[lowered]
+
+
+def arch(capability: tuple[int, int]) -> str:
+    """NVRTC's architecture for a compute capability: sm_90a on Hopper (wgmma), else sm_XY."""
+    major, minor = capability
+    return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
 def nvrtc_cubin(source: str, name: str, arch: str, library=None) -> tuple[bytes, str]:
@@ -154,7 +156,8 @@ def nvrtc_cubin(source: str, name: str, arch: str, library=None) -> tuple[bytes,
 
 
 def _allow_shared_memory(kernel, size: int) -> None:
-    """Raise the kernel's dynamic shared-memory limit above the default 48 KB (cuFuncSetAttribute)."""
+    """Raise the kernel's dynamic shared-memory limit above the default 48 KB (cuFuncSetAttribute; PyTorch's kernel
+    object also checks each launch against the limit it was given)."""
     if hasattr(kernel, "set_shared_memory_config"):
         kernel.set_shared_memory_config(size)
         return
