@@ -19,7 +19,8 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 ARGS = ("const u16*, const u16*, const u16*, int, int, int, int, int, int, const float*, const float*, const float*, "
         "int, int, int, const float*, const float*, float*, u16*, const float*, float*, int, int, int, int, int, int, "
         "int, double, double, double, double")
-INSTANCES = {  # the ablation's 32x32 key: pass 2 writing the normalisers, pass 3 reading them, pass 3 alone
+INSTANCES = {  # the ablation's 32x32 key: pass 1, pass 2 writing the normalisers, pass 3 reading them, pass 3 alone
+    "pass1": "1, 0, 16, 4, false, false, false",
     "pass2": "2, 0, 16, 4, true, false, false",
     "pass3": "3, 0, 16, 4, false, true, true",
     "pass3_alone": "3, 0, 16, 4, false, false, true",
@@ -43,19 +44,21 @@ def resources(request, tmp_path_factory):
                              r"frame, (\d+) bytes spill stores.*?Used (\d+) registers", run.stderr, re.S):
         pass_, bn, store, load, grad, stack, spill, registers = match.groups()
         found[(pass_, bn, store, load, grad)] = (int(stack), int(spill), int(registers))
-    return request.param, found
+    return request.param, found, run.stderr
 
 
 @needs_nvcc
 def test_every_instance_compiles_and_keeps_its_tiles_in_registers(resources):
-    arch, found = resources
+    arch, found, log = resources
     assert len(found) == len(INSTANCES), found
+    # ptxas says when it must serialise the asynchronous products (C7510) or add a fence of its own (C7519)
+    assert "C751" not in log, log[-3000:]
     # With mma.sync, pass 2 spills a few loop-invariant values (addresses) to keep the force's fragments, the
     # distances and the next temperature's softmax sums in registers at once: ~100 bytes, read from L1 a few dozen
     # times per temperature. A tile in local memory would take 288 bytes or more. wgmma needs no B fragments.
     limit = 16 if arch == "sm_90a" else 128
     for key, (stack, spill, registers) in found.items():
-        assert registers <= 255, (key, registers)
+        assert registers <= (168 if key[0] == "1" else 255), (key, registers)  # pass 1: three blocks per SM
         assert stack <= limit and spill <= limit, (arch, key, stack, spill)
 
 
@@ -72,6 +75,7 @@ def test_shared_memory_fits_two_blocks_on_an_sm():
     assert size == 4 * 144 * 128 + 4 * (3 * 208 + 4 * 144 + 32 * 148 + 6 * 3 + 4)
     assert 2 * (size + 1024) <= 228 * 1024
     assert drift_cuda.shared_bytes(16, 256, 3, False) == size - 4 * 3 * 208
+    assert 3 * (drift_cuda.pass1_shared_bytes(16, 256) + 1024) <= 228 * 1024  # pass 1: three blocks per SM
 
 
 def test_the_kernel_takes_only_the_problems_it_was_written_for():

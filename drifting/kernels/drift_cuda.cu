@@ -1,7 +1,6 @@
 // Passes 2 and 3 of the fused drifting loss on tensor cores: CUDA C++, compiled at run time with NVRTC
 // (drifting/kernels/drift_cuda.py). Same arithmetic and outputs as the Triton kernel (drift_triton.py), for bf16
 // inputs with C_g <= 64, C_p <= 64, C_n <= 16 and S <= 256, S a multiple of 8: the 32x32 key of the paper's ablation.
-// Pass 1 (the distance sums) stays on the Triton kernel.
 //
 // Why a second implementation: the Triton kernel keeps a problem's 64 x 144 tiles (distances, affinities,
 // coefficients) in registers with no control over where the inputs live, so every force loop re-reads them from
@@ -341,11 +340,33 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
     }
   const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f / (CG * S);
   float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // chunk c of F done: its squares into total, and the gradient written once (pass 3)
+  auto finish = [&](const float (&f)[8][4], int c) {
+#pragma unroll
+    for (int p = 0; p < 8; ++p)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float f0 = f[p][2 * h], f1 = f[p][2 * h + 1];
+        if constexpr (PASS3) {
+          f0 *= inv_s_in;
+          f1 *= inv_s_in;
+        }
+        total[p & 3] += f0 * f0 + f1 * f1;
+        if constexpr (WRITE_GRAD) {
+          const int row = row0 + 8 * h, col = c * kChunk + 8 * p + 2 * t;
+          if (row_ok[h] && col < S)
+            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) =
+                pack_bf16(grad_scale * (f0 * inv_s_in), grad_scale * (f1 * inv_s_in));
+        }
+      }
+  };
+#if DRIFT_WGMMA
+  // (Tried: two chunks in flight in pass 2, chunk c + 1's products running while chunk c is finished: within the
+  // run-to-run noise on H100s, 6.1-6.4 against 6.3-6.4 ms.)
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
     const u32 base = ys + c * T * 128;
     float f[8][4];
-#if DRIFT_WGMMA
     wgmma_fence();  // f was read by the previous chunk's epilogue
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) wgmma_rs(f, ahi[kk], smem_desc(base + kk * 2048), kk > 0);
@@ -354,7 +375,13 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
     wgmma_commit();
     between(c, NCH);  // while the tensor cores work
     wgmma_wait_all();
+    finish(f, c);
+  }
 #else
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    const u32 base = ys + c * T * 128;
+    float f[8][4];
 #pragma unroll
     for (int p = 0; p < 8; ++p) f[p][0] = f[p][1] = f[p][2] = f[p][3] = 0.0f;
 #pragma unroll
@@ -375,31 +402,15 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
       }
       between(c * NK + kk, NCH * NK);
     }
-#endif
-#pragma unroll
-    for (int p = 0; p < 8; ++p)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float f0 = f[p][2 * h], f1 = f[p][2 * h + 1];
-        if constexpr (PASS3) {
-          f0 *= inv_s_in;
-          f1 *= inv_s_in;
-        }
-        total[p & 3] += f0 * f0 + f1 * f1;
-        if constexpr (WRITE_GRAD) {
-          const int row = row0 + 8 * h, col = c * kChunk + 8 * p + 2 * t;
-          if (row_ok[h] && col < S)
-            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) =
-                pack_bf16(grad_scale * (f0 * inv_s_in), grad_scale * (f1 * inv_s_in));
-        }
-      }
+    finish(f, c);
   }
+#endif
   return (total[0] + total[1]) + (total[2] + total[3]);
 }
 
-// PASS 2: per problem and temperature sum_is F_R^2 (F_R before the division by s_in, as the Triton kernel).
-// PASS 3: loss_b and its gradient. (Pass 1, the distance sums, is the Triton kernel's: it streams the inputs with
-// more programs per SM than this kernel's shared memory allows.) NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
+// PASS 1: per problem [sum_ij w_j d_ij, C_g sum_j w_j] (the scale's sums; 3 blocks per SM: it needs only the
+// targets and a few floats of shared memory). PASS 2: per problem and temperature sum_is F_R^2 (F_R before the
+// division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
 // negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the
 // normalisers u, v in log2 form; LOAD_NORM (pass 3) reads them.
 //
@@ -407,7 +418,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
 // sums, "xy" only), the affinities and coefficients, then the force, during which the next temperature's softmax
 // sums are computed (exponentials between the tensor-core products, so the two units work at the same time).
 template <int PASS, int NORM, int BN, int NCH, bool STORE_NORM, bool LOAD_NORM, bool WRITE_GRAD>
-__global__ void __launch_bounds__(kThreads, 2) drift_kernel(
+__global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     const u16* __restrict__ gen, const u16* __restrict__ neg, const u16* __restrict__ pos,
     int sgb, int sgr, int snb, int snr, int spb, int spr,
     const float* __restrict__ wg, const float* __restrict__ wn, const float* __restrict__ wp,
@@ -416,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     u16* __restrict__ grad, const float* __restrict__ params, float* __restrict__ norm,
     int CG, int CN, int CP, int S, int R, int params_stride, int lambda_stride,
     double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
-  static_assert(PASS == 2 || PASS == 3, "passes 2 and 3");
+  static_assert(PASS >= 1 && PASS <= 3, "passes 1-3");
   static_assert(Layout<BN>::T * 8 % kThreads == 0, "every lane takes part in the squared norms' shuffles");
   static_assert(!(STORE_NORM && LOAD_NORM) && !(LOAD_NORM && PASS == 2) && !(STORE_NORM && PASS == 3),
                 "pass 2 stores the normalisers, pass 3 loads them");
@@ -487,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     wts[j] = w;
     if constexpr (!LOAD_NORM && NORM != 0) vsm[j] = 0.0f;  // no column normalisers
   }
-  for (int r = tid; r < R; r += kThreads) {  // read once, not in the temperature loop
+  for (int r = tid; r < (PASS == 1 ? 0 : R); r += kThreads) {  // read once, not in the temperature loop
     k2s[r] = kLog2e / temps[r];              // l2 = -n k2 = logit / ln 2
     if constexpr (PASS == 3) inv_ls[r] = inv_lambda[b * lambda_stride + r];
   }
@@ -556,6 +567,31 @@ __global__ void __launch_bounds__(kThreads, 2) drift_kernel(
     if (seg == 0) sqn[row] = total;
   }
   __syncthreads();
+
+  if constexpr (PASS == 1) {  // [sum_ij w_j d_ij, C_g sum_j w_j] over the valid rows and targets, as the Triton kernel
+    float part_sum[2] = {0.0f, 0.0f};
+    const float sq_row[2] = {sqn[row0], sqn[row0 + 8]};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const float2 sq_col = *reinterpret_cast<const float2*>(sqn + 8 * j + 2 * t);
+      const float2 wj = *reinterpret_cast<const float2*>(wts + 8 * j + 2 * t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t + (e & 1);
+        const float d2 = (sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x)) - 2.0f * acc[j][e];
+        const float d = sqrt_approx(fmaxf(d2, 1e-8f)) * ((e & 1) ? wj.y : wj.x);
+        part_sum[j & 1] += (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) ? d : 0.0f;
+      }
+    }
+    const float total = block_sum(part_sum[0] + part_sum[1], cmin);
+    if (tid == 0) {
+      float weights = 0.0f;
+      for (int j = 0; j < T; ++j) weights += wts[j];
+      out[2 * b] = total;
+      out[2 * b + 1] = weights * CG;
+    }
+    return;
+  }
 
   const float sqrt_floor = (float)sqrt_floor_d, self_mask = (float)self_mask_d;
   const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;

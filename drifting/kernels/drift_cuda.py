@@ -1,13 +1,12 @@
-"""Passes 2 and 3 of the fused drifting loss on tensor cores in CUDA C++ (`drift_cuda.cu`), compiled at run time.
+"""The fused drifting loss's three passes on tensor cores in CUDA C++ (`drift_cuda.cu`), compiled at run time.
 
 On by default (`drift_triton.VARIANT["cuda"]`; the benchmarks' `--kernel-variant cuda=false` turns it off).
-`drift_triton._Kernel` hands passes 2 and 3 of a call to this module when `supports` says the problems fit
-(bf16 inputs, C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 32x32 key of the paper's
-ablation) and runs the Triton kernel otherwise; pass 1 (the distance sums, bound by reading the inputs) stays on
-the Triton kernel, which streams them with more programs per SM. Same outputs ([B, R + 1] square sums, the loss
-and the gradient), same arithmetic: bf16 tensor-core distances with fp32 accumulation, hi/lo-split force
-coefficients, fp32 softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently
-(base 2, `norm_width` floats per problem and temperature), so both passes of a call take the same path.
+`drift_triton._Kernel` hands the passes of a call to this module when `supports` says the problems fit (bf16
+inputs, C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 32x32 key of the paper's ablation)
+and runs the Triton kernel otherwise. Same outputs ([B, 2] distance sums, [B, R + 1] square sums, the loss and the
+gradient), same arithmetic: bf16 tensor-core distances with fp32 accumulation, hi/lo-split force coefficients, fp32
+softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently (base 2, `norm_width`
+floats per problem and temperature), so both passes of a call take the same path.
 
 The source is compiled with NVRTC (no C++ build step, no header, no CUDA toolkit: the NVRTC library PyTorch ships
 with), once per template instance and device, for the device's own architecture: on an H100/H200 ("sm_90a") the
@@ -49,6 +48,13 @@ def shared_bytes(c_n: int, s: int, num_temperatures: int, load_norm: bool) -> in
     t = _targets(c_n)
     floats = (num_temperatures * norm_width(c_n) if load_norm else 0) + 4 * t + 32 * (t + 4) + 6 * num_temperatures + 4
     return -(-s // CHUNK) * t * 128 + 4 * floats
+
+
+def pass1_shared_bytes(c_n: int, s: int) -> int:
+    """Pass 1's dynamic shared memory: the targets' chunks and 4 T floats (weights, squared norms, a sum), so that
+    three blocks fit an SM."""
+    t = _targets(c_n)
+    return -(-s // CHUNK) * t * 128 + 4 * 4 * t
 
 
 def _rows_fit(t: Tensor) -> bool:
@@ -171,7 +177,7 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
            inv_lambda: Tensor, out: Tensor, grad: Tensor | None, params: Tensor, norm: Tensor | None,
            dummy: Tensor, *, normalize: str, sqrt_floor: float, self_mask: float, attraction: float,
            repulsion: float, params_stride: int, lambda_stride: int) -> None:
-    """Pass 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
+    """Pass 1, 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
     weights: (gen, neg, pos) float32 [B, C] or None."""
     b, c_g, s = gen.shape
     c_n = 0 if neg is None else neg.shape[1]
@@ -179,12 +185,14 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
     chunks = -(-s // CHUNK)
     store, load = norm is not None and pass_ == 2, norm is not None and pass_ == 3
     device = gen.device.index or 0
-    kernel = _compiled(pass_, NORMALIZE_CODE[normalize], bn, chunks, store, load, grad is not None, device)
+    kernel = _compiled(pass_, NORMALIZE_CODE[normalize] if pass_ != 1 else 0, bn, chunks, store, load,
+                       grad is not None, device)
     neg_t = neg if c_n else gen
     args = [gen, neg_t, pos, gen.stride(0), gen.stride(1), neg_t.stride(0), neg_t.stride(1), pos.stride(0),
             pos.stride(1), *(w if w is not None else dummy for w in weights), *(int(w is not None) for w in weights),
             temps, inv_lambda, out, grad if grad is not None else dummy, params, norm if norm is not None else dummy,
             c_g, c_n, pos.shape[1], s, temps.numel(), params_stride, lambda_stride,
             float(sqrt_floor), float(self_mask), float(attraction), float(repulsion)]
-    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=shared_bytes(c_n, s, temps.numel(), load),
+    size = pass1_shared_bytes(c_n, s) if pass_ == 1 else shared_bytes(c_n, s, temps.numel(), load)
+    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=size,
            stream=torch.cuda.current_stream(gen.device))

@@ -59,10 +59,9 @@ NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # (compiled for sm_90 at the 32x32 key: 255 registers spill 64-256 bytes per thread in passes 2-3, 168 spill
 # 416-704, 128 spill 592-1,008; `python benchmarks/kernel_resources.py --maxnreg N`). Timed on an H200, slower at
 # every key (32x32: 28.6 ms uncapped, 33.0 at 168, 35.9 at 128; docs/benchmarks.md, twelfth sitting): opt-in.
-# cuda = passes 2 and 3 of bf16 problems that fit `drift_cuda.supports` (the 32x32 key) run the CUDA C++ kernel of
-# drift_cuda.cu instead (same arithmetic; inputs staged in shared memory): 1.4x faster at that key, 20.1-20.5
-# against 29.0 ms on an H100, 20.2 against 28.9 on an H200 (docs/benchmarks.md, sixteenth sitting); cuda=false keeps
-# every pass on Triton.
+# cuda = bf16 problems that fit `drift_cuda.supports` (the 32x32 key) run the CUDA C++ kernel of drift_cuda.cu
+# instead (same arithmetic; inputs staged in shared memory; wgmma on an H100/H200): 13.9 against 29.0 ms at that key
+# on an H100, forward and backward (docs/benchmarks.md, seventeenth sitting); cuda=false keeps every pass on Triton.
 VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0, cuda=True)
 MAXNREG_CHOICES = (0, 128, 168, 192, 224)
 
@@ -495,7 +494,7 @@ class _Kernel:
         """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale)."""
         per_problem = dict(params_stride=2 if params.dim() == 2 else 0,  # [B, 2] / [B, R]: one per problem
                            lambda_stride=inv_lambda.shape[-1] if inv_lambda.dim() == 2 else 0)
-        if self.cuda is not None and pass_ != 1:
+        if self.cuda is not None:
             c = self.cuda
             drift_cuda.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], inv_lambda, out, grad,
                               params, norm, c["dummy"], **c["options"], **per_problem)
