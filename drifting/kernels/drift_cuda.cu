@@ -1,4 +1,4 @@
-// Passes 2 and 3 of the fused drifting loss on tensor cores: CUDA C++, compiled at run time with NVRTC
+// The three passes of the fused drifting loss on tensor cores: CUDA C++, compiled at run time with NVRTC
 // (drifting/kernels/drift_cuda.py). Same arithmetic and outputs as the Triton kernel (drift_triton.py), for bf16
 // inputs with C_g <= 64, C_p <= 64, C_n <= 16 and S <= 256, S a multiple of 8: the 32x32 key of the paper's ablation.
 //
@@ -6,7 +6,8 @@
 // coefficients) in registers with no control over where the inputs live, so every force loop re-reads them from
 // L2 and the program takes all 255 registers (two programs per SM, spills). Here one block of 4 warps handles one
 // problem; its inputs are copied once into shared memory (cp.async, 72 KB at S = 256) and every product of the pass
-// reads them from there (ldmatrix); warp w owns generated rows 16w..16w+15 against all T = 64 + BN + 64 targets.
+// reads them from there (wgmma on Hopper, ldmatrix and mma.sync elsewhere); warp w owns generated rows
+// 16w..16w+15 against all T = 64 + BN + 64 targets.
 // (Tried: 8 warps per problem, two per row block splitting the targets, for twice the warps per SM: exact, but
 // slower, 10.2 against 8.9 ms in pass 2 on an H100: the pairs' exchanges cost more than the occupancy gained.)
 //
