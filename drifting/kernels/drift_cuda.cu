@@ -312,7 +312,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
                                        const bool (&row_ok)[2], int S, int CG, float s_in,
                                        u16* __restrict__ grad, long long b, Between&& between) {
   constexpr int T = NT * 8, NK = NT / 2;
-  const int g = lane >> 2, t = lane & 3, mat = lane >> 3;
+  const int g = lane >> 2, t = lane & 3;
   float rsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // two partial sums per row: shorter dependency chains
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -385,6 +385,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
     float f[8][4];
 #pragma unroll
     for (int p = 0; p < 8; ++p) f[p][0] = f[p][1] = f[p][2] = f[p][3] = 0.0f;
+    const int mat = lane >> 3;
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
       u32 bf[4][4];
@@ -466,26 +467,37 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     for (int idx = tid; idx < R * W / 4; idx += kThreads) cp_async16(smem_u32(nrm + 4 * idx), src + 4 * idx, true);
     cp_async_commit();
   }
+  // Thread tid copies 16-byte segment tid % 8 of rows tid / 8 + 16 k: which input row k reads is known when the loop
+  // is unrolled (rows 0..63 generated, then 16 negatives, then the positives), so a copy costs a few instructions, not
+  // a branch and a 64-bit product (which took ~50 instructions a copy, a fifth of pass 2).
+  static_assert(kBG % 16 == 0 && BN % 16 == 0 && kBP % 16 == 0 && kThreads == 128, "16 rows per step of 128 threads");
+  {
+    const int seg = tid & 7, r0 = tid >> 3;
+    const u16* gen_row = gen + b * sgb + (long long)r0 * sgr + seg * 8;
+    const u16* neg_row = neg + b * snb + (long long)r0 * snr + seg * 8;
+    const u16* pos_row = pos + b * spb + (long long)r0 * spr + seg * 8;
 #pragma unroll
-  for (int c = 0; c < NCH; ++c) {
-    for (int idx = tid; idx < T * 8; idx += kThreads) {
-      const int row = idx >> 3, seg = idx & 7, col = c * kChunk + seg * 8;
-      const u16* src;
-      bool ok;
-      if (row < kBG) {
-        ok = row < CG;
-        src = gen + b * sgb + (long long)row * sgr + col;
-      } else if (row < kBG + BN) {
-        ok = row - kBG < CN;
-        src = neg + b * snb + (long long)(row - kBG) * snr + col;
-      } else {
-        ok = row - kBG - BN < CP;
-        src = pos + b * spb + (long long)(row - kBG - BN) * spr + col;
+    for (int c = 0; c < NCH; ++c) {
+      const bool col_ok = c * kChunk + seg * 8 < S;
+#pragma unroll
+      for (int k = 0; k < T / 16; ++k) {
+        const u16* src;
+        bool ok;
+        if (16 * k < kBG) {
+          ok = r0 + 16 * k < CG;
+          src = gen_row + (long long)(16 * k) * sgr;
+        } else if (16 * k < kBG + BN) {
+          ok = r0 + 16 * k - kBG < CN;
+          src = neg_row + (long long)(16 * k - kBG) * snr;
+        } else {
+          ok = r0 + 16 * k - kBG - BN < CP;
+          src = pos_row + (long long)(16 * k - kBG - BN) * spr;
+        }
+        ok = ok && col_ok;
+        cp_async16(ys + c * T * 128 + swizzled(r0 + 16 * k, seg), ok ? src + c * kChunk : gen, ok);
       }
-      ok = ok && col < S;
-      cp_async16(ys + c * T * 128 + swizzled(row, seg), ok ? src : gen, ok);
+      cp_async_commit();
     }
-    cp_async_commit();
   }
   for (int j = tid; j < T; j += kThreads) {
     float w = 0.0f;
