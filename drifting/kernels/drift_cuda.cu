@@ -596,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
         part_sum[j & 1] += (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) ? d : 0.0f;
       }
     }
-    const float total = block_sum(part_sum[0] + part_sum[1], cmin);
+    const float total = block_sum(part_sum[0] + part_sum[1], cmin);  // cmin: unused in pass 1, within its 4 T floats
     if (tid == 0) {
       float weights = 0.0f;
       for (int j = 0; j < T; ++j) weights += wts[j];
