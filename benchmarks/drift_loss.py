@@ -12,7 +12,7 @@ problem and bytes = inputs read once + gradient written once, and the ratio to t
 As a chunked training step calls it: `--keys none --all-keys --training-dtypes --classes 4` (the 86 keys of one
 chunk of 4 classes, the mean and std keys in fp32 as the features give them; a 64-class step makes 16 such calls per
 key). `--kernel-variant fp32_dot=tf32x3` sets `drift_triton.VARIANT` for the fused path (`cuda=false`: every pass on
-Triton, without the CUDA kernel that by default takes passes 2-3 of the 32x32 key's problems). `--given-stats` passes each
+Triton, without the CUDA kernel that by default takes the 32x32 key's problems). `--given-stats` passes each
 call its statistics, computed beforehand and not timed, as a class-chunked step does (the fused kernel then runs
 pass 3 alone); the JSON holds every key's time (`per_key_ms`), the profile of where a step's loss phase goes.
 `--stats-pass` times instead what the statistics pass of a class-chunked step computes per key (`scale_sums` then

@@ -12,7 +12,7 @@ inputs as timed, and the same problems in fp32).
     python benchmarks/tune_drift_kernel.py --key 16x16 --dtype fp32 --variants share,share_tf32x3 --block-s 16,32,64
 
 With --dtype fp32 the inputs are fp32, as the mean and std keys of a training step; --block-s 0 is the kernel's own
-choice. Every variant runs the Triton kernel but "cuda" (passes 2-3 of the problems it takes on drift_cuda.cu, the
+choice. Every variant runs the Triton kernel but "cuda" (every pass of the problems it takes on drift_cuda.cu, the
 library's default).
 """
 

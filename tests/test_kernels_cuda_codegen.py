@@ -64,8 +64,8 @@ def test_every_instance_compiles_and_keeps_its_tiles_in_registers(resources):
 
 def test_architecture_names():
     """NVRTC compiles for the device's own architecture; Hopper's wgmma needs the "a" (arch-specific) target."""
-    assert drift_cuda.arch((9, 0)) == "sm_90a"
-    assert drift_cuda.arch((8, 0)) == "sm_80" and drift_cuda.arch((8, 9)) == "sm_89"
+    assert drift_cuda.nvrtc_arch((9, 0)) == "sm_90a"
+    assert drift_cuda.nvrtc_arch((8, 0)) == "sm_80" and drift_cuda.nvrtc_arch((8, 9)) == "sm_89"
 
 
 def test_shared_memory_fits_two_blocks_on_an_sm():

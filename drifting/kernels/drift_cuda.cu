@@ -114,7 +114,8 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // shared memory written by ordinary stores and cp.async, made visible to wgmma (the async proxy)
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// d (+)= A B^T for A [64, 16] and B [N, 16] K-major in shared memory (accumulate: 0 overwrites d)
+// d (+)= A B^T for A [64, 16] and B [N, 16] K-major in shared memory (accumulate: 0 overwrites d); one overload
+// per width, N = 144 (with negatives) and 128, as inline PTX must name every accumulator register
 __device__ __forceinline__ void wgmma_ss(float (&d)[18][4], unsigned long long a, unsigned long long b,
                                          int accumulate) {
   asm volatile(

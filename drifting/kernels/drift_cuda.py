@@ -114,11 +114,11 @@ def _compile(name: str):
     source includes no header, so no CUDA toolkit is needed, only the NVRTC library PyTorch ships with."""
     from torch.cuda._utils import _cuda_load_module
 
-    cubin, lowered = nvrtc_cubin(SOURCE.read_text(), name, arch(torch.cuda.get_device_capability()))
+    cubin, lowered = nvrtc_cubin(SOURCE.read_text(), name, nvrtc_arch(torch.cuda.get_device_capability()))
     return _cuda_load_module(cubin, [lowered])[lowered]
 
 
-def arch(capability: tuple[int, int]) -> str:
+def nvrtc_arch(capability: tuple[int, int]) -> str:
     """NVRTC's architecture for a compute capability: sm_90a on Hopper (wgmma), else sm_XY."""
     major, minor = capability
     return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
