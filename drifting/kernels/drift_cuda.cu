@@ -167,6 +167,24 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], unsigned long long a
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], unsigned long long a, unsigned long long b,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+      "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+      "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+      "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+      "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+      "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+      "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
 // d (+)= a B for a [64, 16] in registers and B [16, 64] MN-major in shared memory
 __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const u32 (&a)[4], unsigned long long b,
                                          int accumulate) {
@@ -411,6 +429,19 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   return (total[0] + total[1]) + (total[2] + total[3]);
 }
 
+// element (r, r) of a warpgroup's 64 x 64 accumulator, r = 16 warp + 8 h + g, held by lane (g, g / 2): element g % 2 of
+// tile 2 warp + h. Every element is multiplied by 1 or 0 and summed: a runtime index, or a choice of element (which
+// the compiler turns into one load from a computed address), would put the tiles in local memory.
+template <int NJ>
+__device__ __forceinline__ float diagonal(const float (&d)[NJ][4], int warp, int h, int g) {
+  float v = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) v = fmaf((j == 2 * warp + h && e == (g & 1)) ? 1.0f : 0.0f, d[j][2 * h + e], v);
+  return v;
+}
+
 // PASS 1: per problem [sum_ij w_j d_ij, C_g sum_j w_j] (the scale's sums; 3 blocks per SM: it needs only the
 // targets and a few floats of shared memory). PASS 2: per problem and temperature sum_is F_R^2 (F_R before the
 // division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
@@ -522,6 +553,17 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #if DRIFT_WGMMA
+  // Y_b Y_b^T of the other targets in blocks of 64 rows (rows 64..127, and T - 64..T - 1 when T > 128): their
+  // diagonals are the squared norms, on the tensor cores as the distances' products (~900 instructions a warp on the
+  // CUDA cores otherwise)
+  constexpr int NORM_BLOCKS = (T - kBG + 63) / 64;
+  static_assert(NORM_BLOCKS >= 1 && NORM_BLOCKS <= 2, "the other targets in one or two blocks of 64 rows");
+  auto norm_block = [](int k) { return k == 0 ? kBG : T - 64; };  // 1024-byte aligned: 8-row multiples
+  float gram[NORM_BLOCKS][8][4];
+#pragma unroll
+  for (int k = 0; k < NORM_BLOCKS; ++k)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) gram[k][j][0] = gram[k][j][1] = gram[k][j][2] = gram[k][j][3] = 0.0f;
   wgmma_fence();
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
@@ -532,10 +574,26 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       const unsigned long long d = smem_desc(ys + c * T * 128 + ks * 32);  // A: rows 0..63 of the same chunk
       wgmma_ss(acc, d, d, 1);
+#pragma unroll
+      for (int k = 0; k < NORM_BLOCKS; ++k) {
+        const unsigned long long e = smem_desc(ys + c * T * 128 + norm_block(k) * 128 + ks * 32);
+        wgmma_ss(gram[k], e, e, 1);
+      }
     }
     wgmma_commit();
   }
   wgmma_wait_all();
+  // the squared norms |y_j|^2 from the diagonals of the products: row r of a 64-row block is element g % 2 of tile
+  // 2 w + h of lane (g, t = g / 2) of warp w, r = 16 w + 8 h + g (the generated rows: the distance product's own)
+  if ((g >> 1) == t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * warp + 8 * h + g;
+      sqn[r] = diagonal(acc, warp, h, g);
+      sqn[kBG + r] = diagonal(gram[0], warp, h, g);
+      if (NORM_BLOCKS == 2 && T - 64 + r >= kBG + 64) sqn[T - 64 + r] = diagonal(gram[NORM_BLOCKS - 1], warp, h, g);
+    }
+  }
 #else
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
@@ -559,6 +617,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     }
   }
 #endif
+#if !DRIFT_WGMMA
   // squared norms of every target row (the generated rows' are their own): 8 lanes per row, one 16-byte segment
   // of each chunk per lane, then a sum over the 8 lanes
   for (int idx = tid; idx < T * 8; idx += kThreads) {
@@ -580,6 +639,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     total += __shfl_xor_sync(0xffffffffu, total, 4);
     if (seg == 0) sqn[row] = total;
   }
+#endif
   __syncthreads();
 
   if constexpr (PASS == 1) {  // [sum_ij w_j d_ij, C_g sum_j w_j] over the valid rows and targets, as the Triton kernel
