@@ -337,16 +337,24 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) rsum[e >> 1][j & 1] += coef[j][e];
+  // row row0 + 8h is column 16 warp + 8h + g: tile 2 warp + h, element 2h + (g & 1) of lane t = g / 2. The tile is
+  // chosen by a branch on the warp (uniform), the element by a select: a runtime index would put coef in local memory
+  float diag[2][2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float r = quad_sum(rsum[h][0] + rsum[h][1]);
-    // row row0 + 8h is column 16 warp + 8h + g: tile 2 warp + h, element 2h + (g & 1) of lane t = g / 2
-#pragma unroll
-    for (int j = 0; j < kBG / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-        coef[j][2 * h + e] -= (j == 2 * warp + h && 2 * t + e == g) ? r : 0.0f;  // every element: no indexing
+    diag[h][0] = 2 * t == g ? r : 0.0f;
+    diag[h][1] = 2 * t + 1 == g ? r : 0.0f;
   }
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w)
+    if (warp == w) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        coef[2 * w + h][2 * h] -= diag[h][0];
+        coef[2 * w + h][2 * h + 1] -= diag[h][1];
+      }
+    }
   // A fragments of the [16, T] coefficients: the accumulator layout of tiles 2kk, 2kk + 1 is the A layout of block kk
   u32 ahi[NK][4], alo[NK][4];
 #pragma unroll
@@ -358,25 +366,21 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
       ahi[kk][q] = hi;
       alo[kk][q] = pack_bf16(c0 - bf16_low(hi), c1 - bf16_high(hi));
     }
-  const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f / (CG * S);
+  // pass 3: the gradient -2 F / (s_in^2 C_g S) in one product, and sum F^2 scaled by 1 / s_in^2 once at the end
+  const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f * inv_s_in * inv_s_in / (CG * S);
   float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  // chunk c of F done: its squares into total, and the gradient written once (pass 3)
+  // chunk c of F done: its squares into total (one fused multiply-add each), and the gradient written once (pass 3)
   auto finish = [&](const float (&f)[8][4], int c) {
 #pragma unroll
     for (int p = 0; p < 8; ++p)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float f0 = f[p][2 * h], f1 = f[p][2 * h + 1];
-        if constexpr (PASS3) {
-          f0 *= inv_s_in;
-          f1 *= inv_s_in;
-        }
-        total[p & 3] += f0 * f0 + f1 * f1;
+        const float f0 = f[p][2 * h], f1 = f[p][2 * h + 1];
+        total[2 * (p & 1) + h] = fmaf(f1, f1, fmaf(f0, f0, total[2 * (p & 1) + h]));
         if constexpr (WRITE_GRAD) {
           const int row = row0 + 8 * h, col = c * kChunk + 8 * p + 2 * t;
           if (row_ok[h] && col < S)
-            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) =
-                pack_bf16(grad_scale * (f0 * inv_s_in), grad_scale * (f1 * inv_s_in));
+            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) = pack_bf16(grad_scale * f0, grad_scale * f1);
         }
       }
   };
@@ -426,7 +430,8 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
     finish(f, c);
   }
 #endif
-  return (total[0] + total[1]) + (total[2] + total[3]);
+  const float sum = (total[0] + total[1]) + (total[2] + total[3]);
+  return PASS3 ? sum * (inv_s_in * inv_s_in) : sum;
 }
 
 // element (r, r) of a warpgroup's 64 x 64 accumulator, r = 16 warp + 8 h + g, held by lane (g, g / 2): element g % 2 of
@@ -474,17 +479,20 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   const long long b = blockIdx.x;
   const int row0 = 16 * warp + g;  // this lane's rows: row0 (elements 0, 1) and row0 + 8 (elements 2, 3)
   const bool row_ok[2] = {row0 < CG, row0 + 8 < CG};
+  const float sqrt_floor = (float)sqrt_floor_d;
 
   // shared memory (drift_cuda.shared_bytes): the targets' chunks, then floats: the problem's normalisers (LOAD_NORM,
-  // R W), weights, v of the temperature (T each), squared norms, column minima (T each), the 32 lane groups' column
-  // partials (32 PART), log2(e) / tau and 1 / lambda (R each), pass 2's per-warp sums (4 R), 4 for block_sum
+  // R W), weights (sqrt(floor) w in passes 2 and 3), squared norms, column minima, v of the temperature, log2 of the
+  // weights (T each; pass 1 uses the first three), the 32 lane groups' column partials (32 PART), log2(e) / tau and
+  // 1 / lambda (R each), pass 2's per-warp sums (4 R), 4 for block_sum
   extern __shared__ __align__(1024) unsigned char smem[];  // 1024: wgmma's swizzle atoms
   float* nrm = reinterpret_cast<float*>(smem + NCH * T * 128);
   float* wts = nrm + (LOAD_NORM ? R * W : 0);
-  float* vsm = wts + T;
-  float* sqn = vsm + T;
+  float* sqn = wts + T;
   float* cmin = sqn + T;
-  float* part = cmin + T;
+  float* vsm = cmin + T;
+  float* lw = vsm + T;
+  float* part = lw + T;
   float* k2s = part + 32 * PART;
   float* inv_ls = k2s + R;
   float* fsq = inv_ls + R;
@@ -540,8 +548,18 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     } else if (j - kBG - BN < CP) {
       w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
     }
-    wts[j] = w;
-    if constexpr (!LOAD_NORM && NORM != 0) vsm[j] = 0.0f;  // no column normalisers
+    // passes 2 and 3: +inf on the padding, so that its normalised distances are +inf with no test per entry (their
+    // logits are then -inf, every exponential of them exactly 0)
+    sqn[j] = (PASS == 1 || target_valid<BN>(j, CG, CN, CP)) ? 0.0f : kInf;
+    if constexpr (PASS == 1) {
+      wts[j] = w;
+    } else {
+      // A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j = max(2^(l2 + u_i + v_j + log2 w_j), sqrt(floor) w_j): the
+      // weight rides on v (the same value for w = 1; w = 0 gives 2^-inf = 0). Weights are non-negative (drift_loss).
+      wts[j] = sqrt_floor * w;
+      lw[j] = log2f(w);  // exact 0 at w = 1
+      if constexpr (!LOAD_NORM && NORM != 0) vsm[j] = lw[j];  // no column normalisers
+    }
   }
   for (int r = tid; r < (PASS == 1 ? 0 : R); r += kThreads) {  // read once, not in the temperature loop
     k2s[r] = kLog2e / temps[r];              // l2 = -n k2 = logit / ln 2
@@ -549,6 +567,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   }
 
   // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
+  // |y_j|^2 added to sqn's 0 or +inf (set with the weights; testing the padding here, among the products, makes
+  // ptxas serialise them)
+  auto store_sqn = [&](int j, float value) { sqn[j] += value; };
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -589,9 +610,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = 16 * warp + 8 * h + g;
-      sqn[r] = diagonal(acc, warp, h, g);
-      sqn[kBG + r] = diagonal(gram[0], warp, h, g);
-      if (NORM_BLOCKS == 2 && T - 64 + r >= kBG + 64) sqn[T - 64 + r] = diagonal(gram[NORM_BLOCKS - 1], warp, h, g);
+      store_sqn(r, diagonal(acc, warp, h, g));
+      store_sqn(kBG + r, diagonal(gram[0], warp, h, g));
+      if (NORM_BLOCKS == 2 && T - 64 + r >= kBG + 64) store_sqn(T - 64 + r, diagonal(gram[NORM_BLOCKS - 1], warp, h, g));
     }
   }
 #else
@@ -637,9 +658,12 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     total += __shfl_xor_sync(0xffffffffu, total, 1);
     total += __shfl_xor_sync(0xffffffffu, total, 2);
     total += __shfl_xor_sync(0xffffffffu, total, 4);
-    if (seg == 0) sqn[row] = total;
+    if (seg == 0) store_sqn(row, total);
   }
 #endif
+  if constexpr (LOAD_NORM) {  // pass 2's v (visible since the first chunk's barrier) takes log2 w_j, as vsm does
+    for (int idx = tid; idx < R * T; idx += kThreads) nrm[(idx / T) * W + kBG + idx % T] += lw[idx % T];
+  }
   __syncthreads();
 
   if constexpr (PASS == 1) {  // [sum_ij w_j d_ij, C_g sum_j w_j] over the valid rows and targets, as the Triton kernel
@@ -657,7 +681,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
         part_sum[j & 1] += (row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP)) ? d : 0.0f;
       }
     }
-    const float total = block_sum(part_sum[0] + part_sum[1], cmin);  // cmin: unused in pass 1, within its 4 T floats
+    const float total = block_sum(part_sum[0] + part_sum[1], cmin);  // cmin: unused in pass 1, the 4th of its T floats
     if (tid == 0) {
       float weights = 0.0f;
       for (int j = 0; j < T; ++j) weights += wts[j];
@@ -667,7 +691,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     return;
   }
 
-  const float sqrt_floor = (float)sqrt_floor_d, self_mask = (float)self_mask_d;
+  const float self_mask = (float)self_mask_d;
   const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
   const float scale = params[b * params_stride], s_in = params[b * params_stride + 1];
   const float inv_scale = 1.0f / fmaxf(scale, 1e-3f);
@@ -675,6 +699,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   // normalised distances n_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)) / scale with the self-mask, in
   // place; their row minima (this lane's two rows) and column minima
   float rmin[2][2] = {{kInf, kInf}, {kInf, kInf}};
+  const float self_diag[2] = {2 * t == g ? self_mask : 0.0f, 2 * t + 1 == g ? self_mask : 0.0f};
   {
     const float sq_row[2] = {sqn[row0], sqn[row0 + 8]};
 #pragma unroll
@@ -683,12 +708,10 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       float cm[2] = {kInf, kInf};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int row = row0 + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
         const float d2 = (sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x)) - 2.0f * acc[j][e];
-        float n = sqrt_approx(fmaxf(d2, 1e-8f)) * inv_scale;
-        if (j < L::NEG0) n += (row == col) ? self_mask : 0.0f;
-        // padding: +inf, so its logit is -inf and every exponential of it exactly 0 (no masks below)
-        if (!(row_ok[e >> 1] && column_valid<BN>(j, col, CG, CN, CP))) n = kInf;
+        float n = sqrt_approx(fmaxf(d2, 1e-8f)) * inv_scale;  // +inf on padding (sqn)
+        // the self-mask on the diagonal: tile 2 warp + h (a uniform test) and lane t = g / 2
+        if (j < L::NEG0 && (j >> 1) == warp && (j & 1) == (e >> 1)) n += self_diag[e & 1];
         acc[j][e] = n;
         rmin[e >> 1][j & 1] = fminf(rmin[e >> 1][j & 1], n);
         cm[e & 1] = fminf(cm[e & 1], n);
@@ -752,7 +775,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
         for (int j = tid; j < T; j += kThreads) {
           const float z = combine_partials<false, PART>(part, j);
           const float vj = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
-          vsm[j] = vj;
+          vsm[j] = vj + lw[j];  // the weight's log (above)
           if constexpr (STORE_NORM) nb[kBG + j] = vj;
         }
         __syncthreads();  // v (the partials are rewritten only after it, by the next temperature's sums)
@@ -761,8 +784,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       }
     }
 
-    // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j and their row sums over negatives and positives.
-    // Padded columns weigh 0; padded rows (u = 0, finite A) get no row sums, hence no coefficients.
+    // affinities A_ij = max(2^(l2 + u_i + v_j), sqrt(floor)) w_j, computed as max(2^(l2 + u_i + v'_j), sqrt(floor) w_j)
+    // with v'_j = v_j + log2 w_j (v and wts hold both), and their row sums over negatives and positives. Padded
+    // columns weigh 0; padded rows (u = 0, finite A) get no row sums, hence no coefficients.
     float work[NT][4];
     float s_neg[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}}, s_pos[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
 #pragma unroll
@@ -771,8 +795,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       const float2 wj = *reinterpret_cast<const float2*>(wts + 8 * j + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float a = fmaxf(exp2_approx(fmaf(acc[j][e], -k2, u[e >> 1]) + ((e & 1) ? vj.y : vj.x)), sqrt_floor) *
-                        ((e & 1) ? wj.y : wj.x);
+        const float a = fmaxf(exp2_approx(fmaf(acc[j][e], -k2, u[e >> 1]) + ((e & 1) ? vj.y : vj.x)),
+                              (e & 1) ? wj.y : wj.x);
         work[j][e] = a;
         if (j < L::POS0) s_neg[e >> 1][j & 1] += a; else s_pos[e >> 1][j & 1] += a;
       }

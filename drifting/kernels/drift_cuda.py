@@ -43,16 +43,16 @@ def norm_width(c_n: int) -> int:
 
 def shared_bytes(c_n: int, s: int, num_temperatures: int, load_norm: bool) -> int:
     """Dynamic shared memory of one block (the kernel's layout): the targets' chunks of S, then floats: the
-    normalisers of every temperature (pass 3 reading pass 2's), 4 T of weights, v, squared norms and column minima,
-    32 (T + 4) column partials, 6 per temperature and 4 more."""
+    normalisers of every temperature (pass 3 reading pass 2's), 5 T of weights, squared norms, column minima, v and
+    the weights' logarithms, 32 (T + 4) column partials, 6 per temperature and 4 more."""
     t = _targets(c_n)
-    floats = (num_temperatures * norm_width(c_n) if load_norm else 0) + 4 * t + 32 * (t + 4) + 6 * num_temperatures + 4
+    floats = (num_temperatures * norm_width(c_n) if load_norm else 0) + 5 * t + 32 * (t + 4) + 6 * num_temperatures + 4
     return -(-s // CHUNK) * t * 128 + 4 * floats
 
 
 def pass1_shared_bytes(c_n: int, s: int) -> int:
-    """Pass 1's dynamic shared memory: the targets' chunks and 4 T floats (weights, squared norms, a sum), so that
-    three blocks fit an SM."""
+    """Pass 1's dynamic shared memory: the targets' chunks and 4 T floats (weights, squared norms, 4 for a sum), so
+    that three blocks fit an SM."""
     t = _targets(c_n)
     return -(-s // CHUNK) * t * 128 + 4 * 4 * t
 
