@@ -1,6 +1,7 @@
 // The three passes of the fused drifting loss on tensor cores: CUDA C++, compiled at run time with NVRTC
-// (drifting/kernels/drift_cuda.py). Same arithmetic and outputs as the Triton kernel (drift_triton.py), for bf16
+// (drifting/kernels/drift_cuda.py). Same outputs and precision as the Triton kernel (drift_triton.py), for bf16
 // inputs with C_g <= 64, C_p <= 64, C_n <= 16 and S <= 256, S a multiple of 8: the 32x32 key of the paper's ablation.
+// Some roundings differ: the norms are scaled before the distances, and the weights enter the exponent as logs.
 //
 // Why a second implementation: the Triton kernel keeps a problem's 64 x 144 tiles (distances, affinities,
 // coefficients) in registers with no control over where the inputs live, so every force loop re-reads them from
@@ -115,7 +116,8 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // d (+)= A B^T for A [64, 16] and B [N, 16] K-major in shared memory (accumulate: 0 overwrites d); one overload
-// per width, N = 144 (with negatives) and 128, as inline PTX must name every accumulator register
+// per width, as inline PTX must name every accumulator register: N = 144 (with negatives) and 128 for the distances,
+// 64 and 16 for the squared norms
 __device__ __forceinline__ void wgmma_ss(float (&d)[18][4], unsigned long long a, unsigned long long b,
                                          int accumulate) {
   asm volatile(
@@ -182,6 +184,19 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], unsigned long long a,
       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
       "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_ss(float (&d)[2][4], unsigned long long a, unsigned long long b,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+      "+f"(d[1][2]), "+f"(d[1][3])
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
@@ -441,7 +456,7 @@ template <int NJ>
 __device__ __forceinline__ float diagonal(const float (&d)[NJ][4], int warp, int h, int g) {
   float v = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < (NJ < 8 ? NJ : 8); ++j)
 #pragma unroll
     for (int e = 0; e < 2; ++e) v = fmaf((j == 2 * warp + h && e == (g & 1)) ? 1.0f : 0.0f, d[j][2 * h + e], v);
   return v;
@@ -569,22 +584,24 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
   // |y_j|^2 added to sqn's 0 or +inf (set with the weights; testing the padding here, among the products, makes
   // ptxas serialise them)
-  auto store_sqn = [&](int j, float value) { sqn[j] += value; };
+  // passes 2 and 3 store |y_j|^2 / scale^2: the normalised distances then need no product per entry
+  float inv_scale = 1.0f;
+  if constexpr (PASS != 1) inv_scale = 1.0f / fmaxf(params[b * params_stride], 1e-3f);
+  const float sq_scale = inv_scale * inv_scale;
+  auto store_sqn = [&](int j, float value) { sqn[j] += value * sq_scale; };
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #if DRIFT_WGMMA
-  // Y_b Y_b^T of the other targets in blocks of 64 rows (rows 64..127, and T - 64..T - 1 when T > 128): their
-  // diagonals are the squared norms, on the tensor cores as the distances' products (~900 instructions a warp on the
-  // CUDA cores otherwise)
-  constexpr int NORM_BLOCKS = (T - kBG + 63) / 64;
-  static_assert(NORM_BLOCKS >= 1 && NORM_BLOCKS <= 2, "the other targets in one or two blocks of 64 rows");
-  auto norm_block = [](int k) { return k == 0 ? kBG : T - 64; };  // 1024-byte aligned: 8-row multiples
-  float gram[NORM_BLOCKS][8][4];
+  // the other targets' squared norms from the tensor cores, as the distances' products (~900 instructions a warp on
+  // the CUDA cores otherwise): the diagonal of Y_b Y_b^T for rows 64..127 (n64), and with negatives (T = 144) that
+  // of rows 128..143 as the last 16 rows of rows 80..143 times rows 128..143 (n16: a quarter of an n64 product)
+  static_assert(T == kBG + 64 || T == kBG + 80, "the other targets: 64 or 80 rows");
+  constexpr bool TAIL = T == kBG + 80;
+  float gram[8][4], tail[2][4];
 #pragma unroll
-  for (int k = 0; k < NORM_BLOCKS; ++k)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) gram[k][j][0] = gram[k][j][1] = gram[k][j][2] = gram[k][j][3] = 0.0f;
+  for (int j = 0; j < 8; ++j) gram[j][0] = gram[j][1] = gram[j][2] = gram[j][3] = 0.0f;
+  tail[0][0] = tail[0][1] = tail[0][2] = tail[0][3] = tail[1][0] = tail[1][1] = tail[1][2] = tail[1][3] = 0.0f;
   wgmma_fence();
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
@@ -593,26 +610,26 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
-      const unsigned long long d = smem_desc(ys + c * T * 128 + ks * 32);  // A: rows 0..63 of the same chunk
+      const u32 chunk = ys + c * T * 128 + ks * 32;  // 1024-byte aligned row blocks: multiples of 8 rows
+      const unsigned long long d = smem_desc(chunk);  // A: rows 0..63 of the same chunk
       wgmma_ss(acc, d, d, 1);
-#pragma unroll
-      for (int k = 0; k < NORM_BLOCKS; ++k) {
-        const unsigned long long e = smem_desc(ys + c * T * 128 + norm_block(k) * 128 + ks * 32);
-        wgmma_ss(gram[k], e, e, 1);
-      }
+      const unsigned long long e = smem_desc(chunk + kBG * 128);
+      wgmma_ss(gram, e, e, 1);
+      if constexpr (TAIL) wgmma_ss(tail, smem_desc(chunk + (T - 64) * 128), smem_desc(chunk + 128 * 128), 1);
     }
     wgmma_commit();
   }
   wgmma_wait_all();
-  // the squared norms |y_j|^2 from the diagonals of the products: row r of a 64-row block is element g % 2 of tile
-  // 2 w + h of lane (g, t = g / 2) of warp w, r = 16 w + 8 h + g (the generated rows: the distance product's own)
+  // the squared norms from the diagonals: row r of a 64-row block is element g % 2 of tile 2 w + h of lane
+  // (g, t = g / 2) of warp w, r = 16 w + 8 h + g (the generated rows: the distance product's own); the tail's rows
+  // 128 + 8 h + g are rows 48 + 8 h + g of its A block (warp 3) against its columns 8 h + g (tile h)
   if ((g >> 1) == t) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = 16 * warp + 8 * h + g;
       store_sqn(r, diagonal(acc, warp, h, g));
-      store_sqn(kBG + r, diagonal(gram[0], warp, h, g));
-      if (NORM_BLOCKS == 2 && T - 64 + r >= kBG + 64) store_sqn(T - 64 + r, diagonal(gram[NORM_BLOCKS - 1], warp, h, g));
+      store_sqn(kBG + r, diagonal(gram, warp, h, g));
+      if (TAIL && warp == 3) store_sqn(128 + 8 * h + g, diagonal(tail, 0, h, g));
     }
   }
 #else
@@ -693,11 +710,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
 
   const float self_mask = (float)self_mask_d;
   const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
-  const float scale = params[b * params_stride], s_in = params[b * params_stride + 1];
-  const float inv_scale = 1.0f / fmaxf(scale, 1e-3f);
+  const float s_in = params[b * params_stride + 1];
 
   // normalised distances n_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)) / scale with the self-mask, in
-  // place; their row minima (this lane's two rows) and column minima
+  // place, as sqrt(max(|x_i|^2 / scale^2 + |y_j|^2 / scale^2 - 2 x_i.y_j / scale^2, 1e-8 / scale^2)) from the scaled
+  // norms; their row minima (this lane's two rows) and column minima
   float rmin[2][2] = {{kInf, kInf}, {kInf, kInf}};
   const float self_diag[2] = {2 * t == g ? self_mask : 0.0f, 2 * t + 1 == g ? self_mask : 0.0f};
   {
@@ -708,8 +725,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       float cm[2] = {kInf, kInf};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float d2 = (sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x)) - 2.0f * acc[j][e];
-        float n = sqrt_approx(fmaxf(d2, 1e-8f)) * inv_scale;  // +inf on padding (sqn)
+        const float d2 = fmaf(acc[j][e], -2.0f * sq_scale, sq_row[e >> 1] + ((e & 1) ? sq_col.y : sq_col.x));
+        float n = sqrt_approx(fmaxf(d2, 1e-8f * sq_scale));  // +inf on padding (sqn)
         // the self-mask on the diagonal: tile 2 warp + h (a uniform test) and lane t = g / 2
         if (j < L::NEG0 && (j >> 1) == warp && (j & 1) == (e >> 1)) n += self_diag[e & 1];
         acc[j][e] = n;
