@@ -389,7 +389,8 @@ def drift_loss(
         all_reduce: sums a float64 tensor of partial sums over processes (see `all_reduce_sum`); each process
             passes its own problems and the statistics become those of the union, as if computed at once.
         stats: precomputed statistics (from `drift_stats` over a larger batch); skips their computation.
-        check_finite: check inputs for NaN/Inf (one device sync); turn off inside a hot training loop.
+        check_finite: check inputs for NaN/Inf and weights for negative values (one device sync); turn off inside
+            a hot training loop, where such inputs give NaN or meaningless values unchecked.
         impl: "reference" (this function's PyTorch code), "fused" (the Triton kernel of `drifting.kernels`, which
             never materialises [B, C_g, T] tensors; same results within float tolerance) or "auto" (fused for CUDA
             inputs when Triton is available and the problem fits the kernel).
