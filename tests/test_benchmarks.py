@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch.autograd import DeviceType
 
 from drifting.feature_loss import RANGES
@@ -102,3 +103,31 @@ def test_compile_mode_without_anything_to_compile_is_refused_before_any_work(mon
             bench.main()
         message = str(exit_info.value.code) + capsys.readouterr().err
         assert "--compile-mode: expected --compile" in message, name
+
+
+def test_cuda_builds_benchmark_finds_every_build_before_any_work(tmp_path, monkeypatch, capsys):
+    """Each build is a directory with drift_cuda.{py,cu}, git:REV or "current"; a wrong one is named, before the
+    benchmark asks for a GPU."""
+    bench = _load("drift_cuda_builds")
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / "drift_cuda.py").write_text("")
+    texts = bench.build_files(str(ROOT / "drifting" / "kernels"))
+    assert set(texts) == {"drift_cuda.py", "drift_cuda.cu"} and "drift_kernel" in texts["drift_cuda.cu"]
+    assert bench.build_files("current") is None
+    for argv, expected in [([str(folder)], f"build '{folder}': expected a directory with drift_cuda.py and "
+                                           "drift_cuda.cu, 'git:REV' or 'current' (missing: drift_cuda.cu)"),
+                           (["current", "--repeat", "0"], "--repeat: expected a positive integer, got 0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+    if (ROOT / ".git").exists():
+        with pytest.raises(SystemExit):
+            bench.main(["git:no-such-revision"])
+        assert "build 'git:no-such-revision': git has no drifting/kernels/drift_cuda.py" in capsys.readouterr().err
+        assert "drift_kernel" in bench.build_files("git:HEAD")["drift_cuda.cu"]
+    if not torch.cuda.is_available():  # the builds are found; then the GPU is asked for
+        with pytest.raises(SystemExit):
+            bench.main(["current", str(ROOT / "drifting" / "kernels")])
+        assert "needs a CUDA GPU" in capsys.readouterr().err
