@@ -582,9 +582,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   }
 
   // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
-  // |y_j|^2 added to sqn's 0 or +inf (set with the weights; testing the padding here, among the products, makes
-  // ptxas serialise them)
-  // passes 2 and 3 store |y_j|^2 / scale^2: the normalised distances then need no product per entry
+  // |y_j|^2 is added to sqn's 0 or +inf (set with the weights: testing the padding here, among the products, makes
+  // ptxas serialise them), in passes 2 and 3 divided by scale^2 so that a normalised distance needs no product
   float inv_scale = 1.0f;
   if constexpr (PASS != 1) inv_scale = 1.0f / fmaxf(params[b * params_stride], 1e-3f);
   const float sq_scale = inv_scale * inv_scale;
