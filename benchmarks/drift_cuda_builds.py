@@ -50,8 +50,11 @@ def build_files(spec: str) -> dict[str, str] | None:
         rev = spec[4:]
         texts = {}
         for name in FILES:
-            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:drifting/kernels/{name}"],
-                                   capture_output=True, text=True)
+            try:
+                shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:drifting/kernels/{name}"],
+                                       capture_output=True, text=True)
+            except FileNotFoundError:
+                raise ValueError(f"build {spec!r}: needs git, which is not installed") from None
             if shown.returncode != 0:
                 raise ValueError(f"build {spec!r}: git has no drifting/kernels/{name} at {rev!r} "
                                  f"({shown.stderr.strip()})")
