@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,22 +82,6 @@ def load_build(spec: str, texts: dict[str, str] | None, scratch: Path, index: in
     return module
 
 
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("builds", nargs="+", help="directories with drift_cuda.{py,cu}, git:REV, or current")
@@ -120,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from drifting.drift import drift_loss
     from drifting.kernels import drift_triton
+    from tune_drift_kernel import cuda_ms as timed, relative  # its median timing (after a warm-up) and error
 
     b, r = args.problems, len(TEMPERATURES)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -143,6 +126,32 @@ def main(argv: list[str] | None = None) -> dict:
                              check_finite=False)
         loss.mean().backward()
 
+    def passes(m: ModuleType, first: dict | None):
+        """Passes 1-3 of build m timed alone (pass 3 at the first build's lambdas), their outputs, whether pass 3
+        repeats bit for bit; the buffers are freed on return, before the whole call is timed."""
+        def launch(pass_, out, lambdas, grad, norm):
+            m.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], lambdas, out, grad,
+                     params if pass_ > 1 else kernel.dummy, norm, c["dummy"], **c["options"],
+                     params_stride=0, lambda_stride=0)
+
+        ms1 = None
+        if hasattr(m, "pass1_shared_bytes"):
+            out1 = torch.empty(b, 2, device="cuda")
+            ms1 = timed(lambda: launch(1, out1, kernel.dummy, None, None), args.repeat)
+        norm = torch.empty(b, r, m.norm_width(C_N), device="cuda")
+        out2 = torch.empty(b, r + 1, device="cuda")
+        ms2 = timed(lambda: launch(2, out2, kernel.dummy, None, norm), args.repeat)
+        if first is None:
+            lambdas = (out2[:, :r].double().sum(0) / (b * C_G * S)).sqrt().reciprocal().float()
+        else:
+            lambdas = first["lambdas"]
+        loss, grad = torch.empty(b, device="cuda"), torch.empty_like(gen)
+        ms3 = timed(lambda: launch(3, loss, lambdas, grad, norm), args.repeat)
+        again = grad.clone()
+        launch(3, loss, lambdas, grad, norm)
+        outputs = dict(sq=out2[:, :r], loss=loss, grad=grad, norm=norm, lambdas=lambdas)
+        return (ms1, ms2, ms3), outputs, torch.equal(again, grad)
+
     print(f"{torch.cuda.get_device_name()}, {b} problems of the 32x32 key, median of {args.repeat}")
     print(f"{'build':28s} {'pass 1':>7s} {'pass 2':>7s} {'pass 3':>7s} {'call':>7s}  "
           "against the first build: sq / loss / grad / norm, repeats")
@@ -154,43 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
         for round_ in range(args.rounds):
             for i in order if round_ % 2 == 0 else order[::-1]:
                 spec, m = args.builds[i], modules[i]
-
-                def launch(pass_, out, lambdas, grad, norm, m=m):
-                    m.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], lambdas, out, grad,
-                             params if pass_ > 1 else kernel.dummy, norm, c["dummy"], **c["options"],
-                             params_stride=0, lambda_stride=0)
-
-                ms1 = None
-                if hasattr(m, "pass1_shared_bytes"):
-                    out1 = torch.empty(b, 2, device="cuda")
-                    ms1 = timed(lambda: launch(1, out1, kernel.dummy, None, None), args.repeat)
-                norm = torch.empty(b, r, m.norm_width(C_N), device="cuda")
-                out2 = torch.empty(b, r + 1, device="cuda")
-                ms2 = timed(lambda: launch(2, out2, kernel.dummy, None, norm), args.repeat)
-                squares = out2[:, :r].double().sum(0)
-                lambdas = (squares / (b * C_G * S)).sqrt().reciprocal().float()
-                if first is not None:
-                    lambdas = first["lambdas"]
-                loss, grad = torch.empty(b, device="cuda"), torch.empty_like(gen)
-                ms3 = timed(lambda: launch(3, loss, lambdas, grad, norm), args.repeat)
-                again = grad.clone()
-                launch(3, loss, lambdas, grad, norm)
-                repeats = torch.equal(again, grad)
-                outputs = dict(sq=out2[:, :r].clone(), loss=loss.clone(), grad=grad.clone(), norm=norm.clone())
-                if first is None:
-                    first = dict(outputs, lambdas=lambdas)
+                (ms1, ms2, ms3), outputs, repeats = passes(m, first)
+                first = first or outputs
                 same_width = first["norm"].shape == outputs["norm"].shape
-                errors = {k: relative(v, first[k]) for k, v in outputs.items() if k != "norm" or same_width}
-                del norm, out2, loss, grad, again, outputs
-
-                shim = ModuleType("drift_cuda_shim")  # the library's loss call, on this build
-                shim.launch, shim.norm_width = m.launch, m.norm_width
-                shim.supports = m.supports if len(inspect.signature(m.supports).parameters) == 4 else (
-                    lambda *a, m=m: m.supports(*a[:3]))
-                drift_triton.drift_cuda = shim
+                errors = {k: relative(outputs[k], first[k]) for k in ("sq", "loss", "grad", "norm")
+                          if k != "norm" or same_width}
+                outputs = None  # the first build's stay in `first`
+                drift_triton.drift_cuda = m  # the library's loss call, on this build
                 try:
-                    call()
-                    torch.cuda.synchronize()
                     ms_call = timed(call, args.repeat)
                 finally:
                     drift_triton.drift_cuda = library

@@ -60,8 +60,9 @@ NORMALIZE_CODE = {"xy": 0, "y": 1, "none": 2}
 # 416-704, 128 spill 592-1,008; `python benchmarks/kernel_resources.py --maxnreg N`). Timed on an H200, slower at
 # every key (32x32: 28.6 ms uncapped, 33.0 at 168, 35.9 at 128; docs/benchmarks.md, twelfth sitting): opt-in.
 # cuda = bf16 problems that fit `drift_cuda.supports` (the 32x32 key) run the CUDA C++ kernel of drift_cuda.cu
-# instead (same arithmetic; inputs staged in shared memory; wgmma on an H100/H200): 12.6 against 27.3-29.0 ms at that
-# key on an H100, forward and backward (docs/benchmarks.md, seventeenth sitting); cuda=false keeps every pass on Triton.
+# instead (the same math, two roundings apart; inputs staged in shared memory; wgmma on an H100/H200): 12.3 against
+# 27.3-29.0 ms at that key on an H100, forward and backward (docs/benchmarks.md, eighteenth sitting); cuda=false keeps
+# every pass on Triton.
 VARIANT = dict(split2=True, share_norm=True, fp32_dot="ieee", fp32_block_s=32, maxnreg=0, cuda=True)
 MAXNREG_CHOICES = (0, 128, 168, 192, 224)
 
