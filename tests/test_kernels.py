@@ -400,6 +400,30 @@ def test_cuda_kernel_options_and_weights(options, cuda_kernel):
     torch.testing.assert_close(grad_f, grad_r, rtol=8e-3, atol=1e-3 * grad_r.abs().max().item())
 
 
+def test_cuda_kernel_far_targets_take_the_column_stabilisers(cuda_kernel):
+    """Column sums take one exponential per entry, stabilised by the problem's largest logit, only while every
+    column's largest logit lies within 2^96 of it (drift_cuda.cu, kOneExpGap); else the column's own. Half of these
+    problems have one far positive (column minimum ~6x the problem's smallest distance): they take the columns' own
+    stabilisers at 0.02 and 0.05 and the problem's at 0.2; the others take the problem's at every temperature."""
+    temperatures = (0.02, 0.05, 0.2)
+    gen, pos, neg, w = inputs((8, 64, 64, 16, 256), torch.bfloat16, seed=17)
+    pos[4:, 0] += 8.0
+    loss_r, grad_r, info_r = run("reference", gen.float(), pos.float(), neg.float(), w, temperatures=temperatures)
+    loss_f, grad_f, info_f = run("fused", gen, pos, neg, w, temperatures=temperatures)
+    assert cuda_kernel == [1, 2, 3]
+    # the data are as described: the spread of the normalised distances' column minima, times log2(e) / tau
+    targets = torch.cat([gen, neg, pos], 1).float()
+    n = torch.cdist(gen.float(), targets) / info_r["scale"]
+    n[:, range(64), range(64)] = float("inf")  # the self-mask
+    column_min = n.amin(1)
+    spread = column_min.amax(1) - column_min.amin(1)
+    gap = spread[:, None] * 1.4426950408889634 / torch.tensor(temperatures, device="cuda")
+    assert (gap[:4] <= 96).all() and (gap[4:, :2] > 96).all() and (gap[4:, 2] <= 96).all()
+    assert relative(loss_f, loss_r) < 1e-4
+    assert relative(info_f["drift_ms"], info_r["drift_ms"]) < 1e-4
+    torch.testing.assert_close(grad_f.float(), grad_r, rtol=8e-3, atol=1e-3 * grad_r.abs().max().item())
+
+
 def test_cuda_kernel_statistics_pass_equals_reference(cuda_kernel):
     """The statistics pass of a chunked step (scale_sums, then field_square_sums at the total): passes 1 and 2 of the
     CUDA kernel against the reference, per key of stacked problems, with weights on every column."""

@@ -43,6 +43,10 @@ constexpr int kBG = 64;        // generated rows (and generated targets), padded
 constexpr int kBP = 64;        // positive targets, padded
 constexpr int kChunk = 64;     // columns of S per shared-memory chunk: rows of 128 bytes
 constexpr float kLog2e = 1.4426950408889634f;
+// A temperature's column sums take one exponential per entry (softmax_sums' ONE_EXP) where every valid column's
+// largest logit lies at most 2^kOneExpGap below the problem's: the terms then lost to underflow (2^-126) are below
+// 2^-30 of their column's largest, far under fp32's resolution of the sums
+constexpr float kOneExpGap = 96.0f;
 #define kInf __int_as_float(0x7f800000)
 
 template <int BN>
@@ -262,6 +266,16 @@ __device__ __forceinline__ float quad_min(float v) {
   return fminf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
+__device__ __forceinline__ float warp_min(float v) {
+  for (int m = 16; m >= 1; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int m = 16; m >= 1; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
@@ -307,15 +321,18 @@ __device__ __forceinline__ bool target_valid(int col, int CG, int CN, int CP) { 
 }
 
 // The softmax sums of tile j of the normalised distances n at k2 = log2(e) / tau: rz (two partial sums per row, of
-// this lane's two rows) += 2^(l2 - m_i); with COLUMNS, this lane's share of the column sums 2^(l2 - m_j) (its two
-// rows) into its row of the partials. l2 - m = -n k2 - m: one fused multiply-add each. The first terms are assigned,
-// not added to 0 (an add of 0 is an instruction). Padding adds 0 (NaN only on padded rows and columns, whose
-// normalisers are set to 0).
-template <bool COLUMNS>
+// this lane's two rows) += 2^(l2 - m_i); with COLUMNS, this lane's share of the column sums (its two rows) into its
+// row of the partials. l2 - m = -n k2 - m: one fused multiply-add each. The first terms are assigned, not added to 0
+// (an add of 0 is an instruction). Padding adds 0 (padded rows have m_i = 0 here, so that their terms are 0, not NaN).
+// The column sums take the column's own stabiliser m_j (2^(l2 - m_j): a second exponential), or with ONE_EXP the
+// problem's M = max_i m_i, as the row terms times fr_i = 2^(m_i - M): one exponential per entry for both sums. M is
+// exact only where no column's maximum lies far below it (the caller's `one_exp`).
+template <bool COLUMNS, bool ONE_EXP>
 __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k2, const float (&rm)[2],
-                                             float (&rz)[2][2], const float* cmin, float* part_row, int t) {
+                                             const float (&fr)[2], float (&rz)[2][2], const float* cmin,
+                                             float* part_row, int t) {
   float cmx[2] = {0.0f, 0.0f}, cz[2];
-  if constexpr (COLUMNS) {
+  if constexpr (COLUMNS && !ONE_EXP) {
     const float2 c = *reinterpret_cast<const float2*>(cmin + 8 * j + 2 * t);
     cmx[0] = -c.x * k2;
     cmx[1] = -c.y * k2;
@@ -324,7 +341,9 @@ __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k
   for (int e = 0; e < 4; ++e) {
     const float x = exp2_approx(fmaf(n[e], -k2, -rm[e >> 1]));
     rz[e >> 1][j & 1] = (j < 2 && (e & 1) == 0) ? x : rz[e >> 1][j & 1] + x;
-    if constexpr (COLUMNS) {
+    if constexpr (COLUMNS && ONE_EXP) {
+      cz[e & 1] = e < 2 ? x * fr[e >> 1] : fmaf(x, fr[e >> 1], cz[e & 1]);
+    } else if constexpr (COLUMNS) {
       const float y = exp2_approx(fmaf(n[e], -k2, -cmx[e & 1]));
       cz[e & 1] = e < 2 ? y : cz[e & 1] + y;
     }
@@ -736,19 +755,52 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     }
   }
   const float row_min[2] = {quad_min(fminf(rmin[0][0], rmin[0][1])), quad_min(fminf(rmin[1][0], rmin[1][1]))};
+  // the problem's smallest normalised distance, and the spread up to the largest column minimum of a valid target
+  // (padded ones are +inf): at k2 the largest logit of every column lies within spread k2 of the problem's -min_n k2
+  float min_n = 0.0f, spread = kInf;
   if constexpr (COLUMNS) {
     __syncthreads();
     for (int j = tid; j < T; j += kThreads) cmin[j] = combine_partials<true, PART>(part, j);
     __syncthreads();  // cmin; and the partials are free for the column sums
+    float lo = kInf, hi = -kInf;
+    for (int j = lane; j < T; j += 32) {
+      const float c = cmin[j];
+      lo = fminf(lo, c);
+      if (c < kInf) hi = fmaxf(hi, c);
+    }
+    min_n = warp_min(lo);
+    spread = warp_max(hi) - min_n;
   }
-
-  // the softmax sums of every tile at k2 into rz (and the column partials)
-  float rz[2][2];
-  auto all_sums = [&](float k2) {
-    const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
+  // temperature k2's column sums with one exponential per entry (kOneExpGap); every warp decides alike
+  auto one_exp = [&](float k2) { return COLUMNS && spread * k2 <= kOneExpGap; };
+  // row stabilisers m_i = max_j l2_ij = -(min_j n_ij) k2 (0 on padded rows), and fr_i = 2^(m_i - M) for ONE_EXP
+  auto row_max = [&](float k2, float (&rm)[2]) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) softmax_sums<COLUMNS>(acc[j], j, k2, rm, rz, cmin, part_row, t);
+    for (int h = 0; h < 2; ++h) rm[h] = row_ok[h] ? -row_min[h] * k2 : 0.0f;
   };
+  auto row_factors = [&](float k2, const float (&rm)[2], float (&fr)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) fr[h] = row_ok[h] ? exp2_approx(fmaf(min_n, k2, rm[h])) : 0.0f;
+  };
+  // the softmax sums at k2 into rz (and the column partials): of every tile (steps = 0), or of part `step` of
+  // `steps`, the tiles j with j steps / NT == step
+  float rz[2][2];
+  auto sums = [&](float k2, int step, int steps) {
+    auto pick = [&](int j) { return steps == 0 || j * steps / NT == step; };
+    float rm[2], fr[2] = {0.0f, 0.0f};
+    row_max(k2, rm);
+    if (one_exp(k2)) {
+      row_factors(k2, rm, fr);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        if (pick(j)) softmax_sums<COLUMNS, true>(acc[j], j, k2, rm, fr, rz, cmin, part_row, t);
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        if (pick(j)) softmax_sums<COLUMNS, false>(acc[j], j, k2, rm, fr, rz, cmin, part_row, t);
+    }
+  };
+  auto all_sums = [&](float k2) { sums(k2, 0, 0); };
   if constexpr (SUMS) all_sums(k2s[0]);
 
   float coef_total[PASS == 3 ? NT : 1][4];  // pass 3: sum over temperatures of the coefficients / lambda_R
@@ -772,7 +824,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       if constexpr (PASS == 3) {
         if (r > 0) all_sums(k2);  // pass 2 has them from the last force
       }
-      const float rm[2] = {-row_min[0] * k2, -row_min[1] * k2};
+      float rm[2];
+      row_max(k2, rm);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float z = quad_sum(rz[h][0] + rz[h][1]);
@@ -788,9 +841,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       }
       if constexpr (COLUMNS) {
         __syncthreads();  // the column partials
+        const bool one = one_exp(k2);
         for (int j = tid; j < T; j += kThreads) {
-          const float z = combine_partials<false, PART>(part, j);
-          const float vj = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (-cmin[j] * k2 + log2_approx(z)) : 0.0f;
+          const float z = combine_partials<false, PART>(part, j);  // the sum of 2^(l2 - M), or of 2^(l2 - m_j)
+          const float m = one ? -min_n * k2 : -cmin[j] * k2;
+          const float vj = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (m + log2_approx(z)) : 0.0f;
           vsm[j] = vj + lw[j];  // the weight's log (above)
           if constexpr (STORE_NORM) nb[kBG + j] = vj;
         }
@@ -841,13 +896,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       float f_sq;
       if (SUMS && r + 1 < R) {
         const float k2n = k2s[r + 1];
-        const float rmn[2] = {-row_min[0] * k2n, -row_min[1] * k2n};
         f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
-                                            [&](int step, int steps) {  // the tiles j with j steps / NT == step
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-            if (j * steps / NT == step) softmax_sums<COLUMNS>(acc[j], j, k2n, rmn, rz, cmin, part_row, t);
-        });
+                                            [&](int step, int steps) { sums(k2n, step, steps); });
       } else {
         f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
                                             [](int, int) {});
