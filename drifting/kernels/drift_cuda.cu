@@ -43,6 +43,9 @@ constexpr int kBG = 64;        // generated rows (and generated targets), padded
 constexpr int kBP = 64;        // positive targets, padded
 constexpr int kChunk = 64;     // columns of S per shared-memory chunk: rows of 128 bytes
 constexpr float kLog2e = 1.4426950408889634f;
+// pass 3 stages a warp's [16, 64] chunk of the gradient in shared memory in rows of 72 bf16: 144 bytes, so that the
+// 8 rows of a lane group's 4-byte stores fall in different banks, and rows stay 16-byte aligned for the reads
+constexpr int kStageRow = 72;
 // A temperature's column sums take one exponential per entry (softmax_sums' ONE_EXP) where every valid column's
 // largest logit lies at most 2^kOneExpGap below the problem's: the terms then lost to underflow (2^-126) are below
 // 2^-30 of their column's largest, far under fp32's resolution of the sums
@@ -363,7 +366,7 @@ __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k
 template <int NT, int NCH, bool PASS3, bool WRITE_GRAD, class Between>
 __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int row0,
                                        const bool (&row_ok)[2], int S, int CG, float s_in,
-                                       u16* __restrict__ grad, long long b, Between&& between) {
+                                       u16* __restrict__ grad, long long b, u16* stage, Between&& between) {
   constexpr int T = NT * 8, NK = NT / 2;
   const int g = lane >> 2, t = lane & 3;
   float rsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // two partial sums per row: shorter dependency chains
@@ -404,6 +407,8 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f * inv_s_in * inv_s_in / (CG * S);
   float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   // chunk c of F done: its squares into total (one fused multiply-add each), and the gradient written once (pass 3)
+  // through the warp's `stage` in shared memory, so that global memory takes whole 16-byte segments of rows: 4 stores
+  // of 16 bytes per lane and chunk, not 16 of 4 bytes that fill 32-byte sectors by halves
   auto finish = [&](const float (&f)[8][4], int c) {
 #pragma unroll
     for (int p = 0; p < 8; ++p)
@@ -411,12 +416,21 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
       for (int h = 0; h < 2; ++h) {
         const float f0 = f[p][2 * h], f1 = f[p][2 * h + 1];
         total[2 * (p & 1) + h] = fmaf(f1, f1, fmaf(f0, f0, total[2 * (p & 1) + h]));
-        if constexpr (WRITE_GRAD) {
-          const int row = row0 + 8 * h, col = c * kChunk + 8 * p + 2 * t;
-          if (row_ok[h] && col < S)
-            *reinterpret_cast<u32*>(grad + (b * CG + row) * S + col) = pack_bf16(grad_scale * f0, grad_scale * f1);
-        }
+        if constexpr (WRITE_GRAD)
+          *reinterpret_cast<u32*>(stage + (8 * h + g) * kStageRow + 8 * p + 2 * t) =
+              pack_bf16(grad_scale * f0, grad_scale * f1);
       }
+    if constexpr (WRITE_GRAD) {
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // lane (r, seg): 8 columns from 8 seg of row r + 4 i of the warp's 16
+        const int r = (lane >> 3) + 4 * i, seg = lane & 7;
+        const int row = 16 * warp + r, col = c * kChunk + 8 * seg;
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + r * kStageRow + 8 * seg);
+        if (row < CG && col < S) *reinterpret_cast<uint4*>(grad + (b * CG + row) * S + col) = v;
+      }
+      __syncwarp();  // before the next chunk rewrites the stage
+    }
   };
 #if DRIFT_WGMMA
   // (Tried: two chunks in flight in pass 2, chunk c + 1's products running while chunk c is finished: within the
@@ -534,6 +548,29 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   float* part_row = part + (8 * warp + g) * PART;  // PART = T + 4: this lane group's float2 stores hit 2-way at most
   const u32 ys = smem_u32(smem);
 
+  // ---- the problem's few scalars first, into registers, so that their reads wait alongside the copies below, not
+  // after them (waits on them were ~3% of pass 3's stall samples; the time gained is within the card's noise): the
+  // weights of targets tid and tid + 128, the scale and s_in, and the temperature and lambda of index tid < R -------
+  constexpr int WJ = (T + kThreads - 1) / kThreads;
+  float w_in[WJ];
+#pragma unroll
+  for (int k = 0; k < WJ; ++k) {
+    const int j = tid + k * kThreads;
+    float w = 0.0f;
+    if (j < kBG) {
+      if (j < CG) w = has_wg ? wg[b * CG + j] : 1.0f;
+    } else if (j < kBG + BN) {
+      if (j - kBG < CN) w = has_wn ? wn[b * CN + j - kBG] : 1.0f;
+    } else if (j < T && j - kBG - BN < CP) {
+      w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
+    }
+    w_in[k] = w;
+  }
+  const float scale_in = PASS != 1 ? params[b * params_stride] : 1.0f;
+  const float s_in = PASS != 1 ? params[b * params_stride + 1] : 1.0f;
+  const float temp_in = PASS != 1 && tid < R ? temps[tid] : 1.0f;
+  const float inv_l_in = PASS == 3 && tid < R ? inv_lambda[b * lambda_stride + tid] : 1.0f;
+
   // ---- the inputs into shared memory: the normalisers (LOAD_NORM), then one commit group per chunk of the targets,
   // so chunk 0's products start early ----------------------------------------------------------------------------
   if constexpr (LOAD_NORM) {
@@ -544,6 +581,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   // Thread tid copies 16-byte segment tid % 8 of rows tid / 8 + 16 k: which input row k reads is known when the loop
   // is unrolled (rows 0..63 generated, then 16 negatives, then the positives), so a copy costs a few instructions, not
   // a branch and a 64-bit product (which took ~50 instructions a copy, a fifth of pass 2).
+// (Tried: each block prefetching into L2 the inputs of the problem that starts after it, b + the blocks resident on
+// the GPU, with one bulk prefetch per row: slower on an H200, pass 1 1.23 -> 1.51 ms, pass 3 3.35 -> 3.81 ms.)
   static_assert(kBG % 16 == 0 && BN % 16 == 0 && kBP % 16 == 0 && kThreads == 128, "16 rows per step of 128 threads");
   {
     const int seg = tid & 7, r0 = tid >> 3;
@@ -573,15 +612,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       cp_async_commit();
     }
   }
-  for (int j = tid; j < T; j += kThreads) {
-    float w = 0.0f;
-    if (j < kBG) {
-      if (j < CG) w = has_wg ? wg[b * CG + j] : 1.0f;
-    } else if (j < kBG + BN) {
-      if (j - kBG < CN) w = has_wn ? wn[b * CN + j - kBG] : 1.0f;
-    } else if (j - kBG - BN < CP) {
-      w = has_wp ? wp[b * CP + j - kBG - BN] : 1.0f;
-    }
+#pragma unroll
+  for (int k = 0; k < WJ; ++k) {
+    const int j = tid + k * kThreads;
+    if (j >= T) break;
+    const float w = w_in[k];
     // passes 2 and 3: +inf on the padding, so that its normalised distances are +inf with no test per entry (their
     // logits are then -inf, every exponential of them exactly 0)
     sqn[j] = (PASS == 1 || target_valid<BN>(j, CG, CN, CP)) ? 0.0f : kInf;
@@ -596,15 +631,15 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     }
   }
   for (int r = tid; r < (PASS == 1 ? 0 : R); r += kThreads) {  // read once, not in the temperature loop
-    k2s[r] = kLog2e / temps[r];              // l2 = -n k2 = logit / ln 2
-    if constexpr (PASS == 3) inv_ls[r] = inv_lambda[b * lambda_stride + r];
+    k2s[r] = kLog2e / (r == tid ? temp_in : temps[r]);  // l2 = -n k2 = logit / ln 2
+    if constexpr (PASS == 3) inv_ls[r] = r == tid ? inv_l_in : inv_lambda[b * lambda_stride + r];
   }
 
   // ---- x_i . y_j on tensor cores, chunk by chunk as the copies land -----------------------------------------------
   // |y_j|^2 is added to sqn's 0 or +inf (set with the weights: testing the padding here, among the products, makes
   // ptxas serialise them), in passes 2 and 3 divided by scale^2 so that a normalised distance needs no product
   float inv_scale = 1.0f;
-  if constexpr (PASS != 1) inv_scale = 1.0f / fmaxf(params[b * params_stride], 1e-3f);
+  if constexpr (PASS != 1) inv_scale = 1.0f / fmaxf(scale_in, 1e-3f);
   const float sq_scale = inv_scale * inv_scale;
   auto store_sqn = [&](int j, float value) { sqn[j] += value * sq_scale; };
   float acc[NT][4];
@@ -728,7 +763,6 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
 
   const float self_mask = (float)self_mask_d;
   const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
-  const float s_in = params[b * params_stride + 1];
 
   // normalised distances n_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)) / scale with the self-mask, in
   // place, as sqrt(max(|x_i|^2 / scale^2 + |y_j|^2 / scale^2 - 2 x_i.y_j / scale^2, 1e-8 / scale^2)) from the scaled
@@ -896,10 +930,10 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       float f_sq;
       if (SUMS && r + 1 < R) {
         const float k2n = k2s[r + 1];
-        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b, nullptr,
                                             [&](int step, int steps) { sums(k2n, step, steps); });
       } else {
-        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b, nullptr,
                                             [](int, int) {});
       }
       f_sq = warp_sum(f_sq);
@@ -912,8 +946,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       out[b * (R + 1) + r] = (((fsq[4 * r] + fsq[4 * r + 1]) + fsq[4 * r + 2]) + fsq[4 * r + 3]) / (s_in * s_in);
   }
   if constexpr (PASS == 3) {
+    // the column partials are free by now (with LOAD_NORM never used): the warps' gradient stages
+    static_assert(16 * kStageRow * 2 * (kThreads / 32) <= 32 * PART * 4, "the stages fit in the column partials");
+    u16* stage = reinterpret_cast<u16*>(part) + warp * 16 * kStageRow;
     float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
-                                                 [](int, int) {});
+                                                 stage, [](int, int) {});
     loss = block_sum(loss, red);
     if (tid == 0) out[b] = loss / (float)(CG * S);
   }
