@@ -499,7 +499,7 @@ __device__ __forceinline__ float diagonal(const float (&d)[NJ][4], int warp, int
 // targets and a few floats of shared memory). PASS 2: per problem and temperature sum_is F_R^2 (F_R before the
 // division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
 // negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the
-// normalisers u, v in log2 form; LOAD_NORM (pass 3) reads them.
+// normalisers in log2 form, u_i and v_j + log2 w_j (the weight rides on v); LOAD_NORM (pass 3) reads them.
 //
 // Order of work in pass 2, per temperature: the normalisers from the softmax sums (two barriers for the column
 // sums, "xy" only), the affinities and coefficients, then the force, during which the next temperature's softmax
@@ -731,9 +731,6 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     if (seg == 0) store_sqn(row, total);
   }
 #endif
-  if constexpr (LOAD_NORM) {  // pass 2's v (visible since the first chunk's barrier) takes log2 w_j, as vsm does
-    for (int idx = tid; idx < R * T; idx += kThreads) nrm[(idx / T) * W + kBG + idx % T] += lw[idx % T];
-  }
   __syncthreads();
 
   if constexpr (PASS == 1) {  // [sum_ij w_j d_ij, C_g sum_j w_j] over the valid rows and targets, as the Triton kernel
@@ -881,11 +878,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
           const float m = one ? -min_n * k2 : -cmin[j] * k2;
           const float vj = target_valid<BN>(j, CG, CN, CP) ? -0.5f * (m + log2_approx(z)) : 0.0f;
           vsm[j] = vj + lw[j];  // the weight's log (above)
-          if constexpr (STORE_NORM) nb[kBG + j] = vj;
+          if constexpr (STORE_NORM) nb[kBG + j] = vsm[j];  // so does pass 3's
         }
         __syncthreads();  // v (the partials are rewritten only after it, by the next temperature's sums)
       } else if constexpr (STORE_NORM) {
-        for (int j = tid; j < T; j += kThreads) nb[kBG + j] = 0.0f;
+        for (int j = tid; j < T; j += kThreads) nb[kBG + j] = lw[j];
       }
     }
 

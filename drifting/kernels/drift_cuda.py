@@ -37,7 +37,7 @@ def _targets(c_n: int) -> int:
 
 
 def norm_width(c_n: int) -> int:
-    """Floats per problem and temperature of pass 2's normalisers: u of the rows, then v of the targets."""
+    """Floats per problem and temperature of pass 2's normalisers: u of the rows, then v + log2 w of the targets."""
     return ROWS + _targets(c_n)
 
 
