@@ -1,7 +1,8 @@
 // The three passes of the fused drifting loss on tensor cores: CUDA C++, compiled at run time with NVRTC
 // (drifting/kernels/drift_cuda.py). Same outputs and precision as the Triton kernel (drift_triton.py), for bf16
 // inputs with C_g <= 64, C_p <= 64, C_n <= 16 and S <= 256, S a multiple of 8: the 32x32 key of the paper's ablation.
-// Some roundings differ: the norms are scaled before the distances, and the weights enter the exponent as logs.
+// Some roundings differ: the norms are scaled before the distances, the weights enter the exponent as logs, and the
+// column sums reuse the row sums' exponentials where that is exact to fp32 (softmax_sums).
 //
 // Why a second implementation: the Triton kernel keeps a problem's 64 x 144 tiles (distances, affinities,
 // coefficients) in registers with no control over where the inputs live, so every force loop re-reads them from
@@ -32,6 +33,8 @@
 // (max_j(-n_ij k) = -(min_j n_ij) k exactly, since rounding is monotone), so a temperature needs only the softmax
 // sums. Exponentials are in base 2 (ex2.approx, as Triton's exp): l2 = -n log2(e) / tau; the normalisers are kept
 // in log2 form, u_i = -(m_i + log2 Z_i) / 2 per row and v_j likewise per column ("xy"), and A_ij = 2^(l2 + u_i + v_j).
+// One exponential per entry serves both sums of a temperature unless a column's largest logit lies far below the
+// problem's (kOneExpGap): pass 2's 5.4 -> 5.1 ms on an H200.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -354,15 +357,15 @@ __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k
   if constexpr (COLUMNS) *reinterpret_cast<float2*>(part_row + 8 * j + 2 * t) = make_float2(cz[0], cz[1]);
 }
 
-// F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory, as one product: x_i is target row i, so
-// the rowsum is subtracted from the diagonal coefficient of the generated block (the term then carries the
-// coefficients' ~16 bits instead of an exact fp32 product: the bf16 gradient's error at 1,024 problems is 3.1e-3 of
-// its largest value against 1.5e-3 on the Triton kernel, within the tests' bf16 tolerance). The fp32 coefficients are split
-// into bf16 high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum
-// of F^2 (pass 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is
-// consumed. between(step, steps) is the caller's independent work, run in `steps` parts: with wgmma one per chunk
-// of S while its products run; with mma.sync one per 16 targets of a chunk, for the compiler to interleave with the
-// tensor-core instructions.
+// F = coef @ Y - rowsum(coef) x over every chunk of S, from shared memory, as one product: x_i is target row i, so the
+// rowsum is subtracted from the diagonal coefficient of the generated block (the term then carries the coefficients'
+// ~16 bits instead of an exact fp32 product: the bf16 gradient's error at 1,024 problems is 3.1e-3 of its largest value
+// against 1.5e-3 on the Triton kernel, within the tests' bf16 tolerance). The fp32 coefficients are split into bf16
+// high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum of F^2 (pass
+// 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is consumed.
+// between(step, steps) is the caller's independent work, run in `steps` parts: with wgmma one per chunk of S while its
+// products run; with mma.sync one per 16 targets of a chunk, for the compiler to interleave with the tensor-core
+// instructions.
 template <int NT, int NCH, bool PASS3, bool WRITE_GRAD, class Between>
 __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int row0,
                                        const bool (&row_ok)[2], int S, int CG, float s_in,
@@ -408,7 +411,8 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   // chunk c of F done: its squares into total (one fused multiply-add each), and the gradient written once (pass 3)
   // through the warp's `stage` in shared memory, so that global memory takes whole 16-byte segments of rows: 4 stores
-  // of 16 bytes per lane and chunk, not 16 of 4 bytes that fill 32-byte sectors by halves
+  // of 16 bytes per lane and chunk, not 16 of 4 bytes that fill 32-byte sectors by halves (pass 3: 3.3 -> 2.9 ms on
+  // an H200). (Tried: the stage written by stmatrix, 4 instructions instead of 16: within the card's noise.)
   auto finish = [&](const float (&f)[8][4], int c) {
 #pragma unroll
     for (int p = 0; p < 8; ++p)
@@ -581,8 +585,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   // Thread tid copies 16-byte segment tid % 8 of rows tid / 8 + 16 k: which input row k reads is known when the loop
   // is unrolled (rows 0..63 generated, then 16 negatives, then the positives), so a copy costs a few instructions, not
   // a branch and a 64-bit product (which took ~50 instructions a copy, a fifth of pass 2).
-// (Tried: each block prefetching into L2 the inputs of the problem that starts after it, b + the blocks resident on
-// the GPU, with one bulk prefetch per row: slower on an H200, pass 1 1.23 -> 1.51 ms, pass 3 3.35 -> 3.81 ms.)
+  // (Tried, to wait less for the inputs at the start of a problem, both slower on an H200: each block prefetching into
+  // L2 the inputs of the problem that starts after it, b + the blocks resident on the GPU, one bulk prefetch per row:
+  // pass 1 1.23 -> 1.51 ms, pass 3 3.35 -> 3.81 ms; and blocks looping over problems, as many as the GPU holds, each
+  // copying the next problem's chunks into shared memory as its last products released them: pass 2 5.22 -> 5.52 ms,
+  // pass 3 2.92 -> 3.39 ms, with equal results.)
   static_assert(kBG % 16 == 0 && BN % 16 == 0 && kBP % 16 == 0 && kThreads == 128, "16 rows per step of 128 threads");
   {
     const int seg = tid & 7, r0 = tid >> 3;
