@@ -132,3 +132,50 @@ def test_cuda_builds_benchmark_finds_every_build_before_any_work(tmp_path, monke
         with pytest.raises(SystemExit):
             bench.main(["current", str(ROOT / "drifting" / "kernels")])
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_kernel_profile_sums_stall_samples_by_line_of_the_kernel(tmp_path, capsys):
+    """`profile_drift_kernel.py lines`: ncu's samples per instruction summed by source line, code inlined into the
+    kernel counted at its call site; bad input is named before any work."""
+    bench = _load("profile_drift_kernel")
+    listing = "\n".join([
+        '\t//## File "drift_cuda.cu", line 3',
+        "        /*0000*/                   LDC R1, c[0x0][0x28] ;",
+        '\t//## File "drift_cuda.cu", line 1 inlined at "drift_cuda.cu", line 4',
+        "        /*0010*/                   FFMA R2, R3, R4, R5 ;",
+        "        /*0020*/                   MUFU.EX2 R2, R2 ;",
+        '\t//## File "drift_cuda.cu", line 3',
+        "        /*0030*/                   EXIT ;",
+    ])
+    table = bench.line_table(listing)
+    assert table == {0x0: 3, 0x10: 4, 0x20: 4, 0x30: 3}
+    header = ["Address", "Source", bench.SAMPLES, "stall_wait", "stall_short_sb", "stall_wait (Not Issued)"]
+    rows = [["==PROF== Connected"], header,
+            ["0x7f0000001000", "LDC", "2", "2", "0", "1"],
+            ["0x7f0000001010", "FFMA", "5", "4", "1", "3"],
+            ["0x7f0000001020", "MUFU", "3", "0", "3", "0"],
+            ["0x7f0000001030", "EXIT", "0", "0", "0", "0"]]
+    total, per_line, why = bench.stall_lines(rows, table)
+    assert total == 10 and per_line == {4: 8, 3: 2}
+    assert why[4] == {"wait": 4, "short_sb": 4} and why[3] == {"wait": 2, "short_sb": 0}
+    text = bench.report(total, per_line, why, ["x", "y", "loop();", "force();"], top=5)
+    assert text.splitlines()[1].split()[:3] == ["80.0%", "L4", "force();"]
+    with pytest.raises(ValueError, match="no 'Address' header"):
+        bench.stall_lines(rows[:1], table)
+
+    (tmp_path / "pass2.csv").write_text("\n".join(",".join(f'"{c}"' for c in row) for row in rows) + "\n")
+    (tmp_path / "pass2.sass").write_text(listing)
+    (tmp_path / "k.cu").write_text("x\ny\nloop();\nforce();\n")
+    bench.main(["lines", str(tmp_path / "pass2.csv"), str(tmp_path / "pass2.sass"), "--source", str(tmp_path / "k.cu")])
+    assert "80.0%  L4     force();" in capsys.readouterr().out
+    for argv, expected in [(["lines", str(tmp_path / "none.csv"), str(tmp_path / "pass2.sass")], "csv: no such file"),
+                           (["lines", str(tmp_path / "pass2.csv"), str(tmp_path / "pass2.sass"), "--top", "0"],
+                            "--top: expected a positive integer, got 0"),
+                           (["run", "--cubins", str(tmp_path), "--problems", "0"],
+                            "--problems: expected a positive integer, got 0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    (tmp_path / "plain.sass").write_text("        /*0000*/   EXIT ;\n")
+    with pytest.raises(SystemExit, match="no line information"):
+        bench.main(["lines", str(tmp_path / "pass2.csv"), str(tmp_path / "plain.sass")])

@@ -124,9 +124,9 @@ def nvrtc_arch(capability: tuple[int, int]) -> str:
     return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
-def nvrtc_cubin(source: str, name: str, arch: str, library=None) -> tuple[bytes, str]:
+def nvrtc_cubin(source: str, name: str, arch: str, library=None, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """Machine code for `arch` ("sm_90") of the instance `name` of `source`, and its mangled name, from NVRTC
-    (`library`: a ctypes handle of libnvrtc, by default PyTorch's)."""
+    (`library`: a ctypes handle of libnvrtc, by default PyTorch's; `options`: more NVRTC options, e.g. -lineinfo)."""
     if library is None:
         from torch.cuda._utils import _get_gpu_rtc_library
 
@@ -143,8 +143,8 @@ def nvrtc_cubin(source: str, name: str, arch: str, library=None) -> tuple[bytes,
           "create")
     try:
         check(library.nvrtcAddNameExpression(program, name.encode()), "name")
-        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
-        if library.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)) != 0:
+        flags = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", *(o.encode() for o in options)]
+        if library.nvrtcCompileProgram(program, len(flags), (ctypes.c_char_p * len(flags))(*flags)) != 0:
             size = ctypes.c_size_t()
             library.nvrtcGetProgramLogSize(program, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
