@@ -367,8 +367,7 @@ __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k
 // products run; with mma.sync one per 16 targets of a chunk, for the compiler to interleave with the tensor-core
 // instructions.
 template <int NT, int NCH, bool PASS3, bool WRITE_GRAD, class Between>
-__device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int row0,
-                                       const bool (&row_ok)[2], int S, int CG, float s_in,
+__device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int S, int CG, float s_in,
                                        u16* __restrict__ grad, long long b, u16* stage, Between&& between) {
   constexpr int T = NT * 8, NK = NT / 2;
   const int g = lane >> 2, t = lane & 3;
@@ -377,8 +376,9 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) rsum[e >> 1][j & 1] += coef[j][e];
-  // row row0 + 8h is column 16 warp + 8h + g: tile 2 warp + h, element 2h + (g & 1) of lane t = g / 2. The tile is
-  // chosen by a branch on the warp (uniform), the element by a select: a runtime index would put coef in local memory
+  // row 16 warp + 8h + g (this lane's) is column 16 warp + 8h + g: tile 2 warp + h, element 2h + (g & 1) of lane
+  // t = g / 2. The tile is chosen by a branch on the warp (uniform), the element by a select: a runtime index would
+  // put coef in local memory
   float diag[2][2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -934,10 +934,10 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       float f_sq;
       if (SUMS && r + 1 < R) {
         const float k2n = k2s[r + 1];
-        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b, nullptr,
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, S, CG, s_in, grad, b, nullptr,
                                             [&](int step, int steps) { sums(k2n, step, steps); });
       } else {
-        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b, nullptr,
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, S, CG, s_in, grad, b, nullptr,
                                             [](int, int) {});
       }
       f_sq = warp_sum(f_sq);
@@ -953,8 +953,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     // the column partials are free by now (with LOAD_NORM never used): the warps' gradient stages
     static_assert(16 * kStageRow * 2 * (kThreads / 32) <= 32 * PART * 4, "the stages fit in the column partials");
     u16* stage = reinterpret_cast<u16*>(part) + warp * 16 * kStageRow;
-    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, row0, row_ok, S, CG, s_in, grad, b,
-                                                 stage, [](int, int) {});
+    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, S, CG, s_in, grad, b, stage,
+                                                 [](int, int) {});
     loss = block_sum(loss, red);
     if (tid == 0) out[b] = loss / (float)(CG * S);
   }
