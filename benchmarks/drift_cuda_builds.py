@@ -39,6 +39,23 @@ TEMPERATURES = (0.02, 0.05, 0.2)
 C_G, C_P, C_N, S = 64, 64, 16, 256  # the 32x32 key's problems
 
 
+def key_problems(b: int):
+    """b problems of the 32x32 key on the GPU (bf16; weights on the unconditional rows) and the library's kernel
+    for them: gen, pos, neg, neg_weight, drift_triton._Kernel (its `cuda` is None where the CUDA kernel does not take
+    them)."""
+    from drifting.kernels import drift_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.randn(b, C_G, S, device="cuda", generator=g).bfloat16()
+    pos = (torch.randn(b, C_P, S, device="cuda", generator=g) + 0.2).bfloat16()
+    neg = torch.randn(b, C_N, S, device="cuda", generator=g).bfloat16()
+    neg_weight = torch.rand(b, C_N, device="cuda", generator=g) * 4
+    kernel = drift_triton._Kernel(gen, pos, neg, neg_weight=neg_weight, temperatures=TEMPERATURES, gen_weight=None,
+                                  pos_weight=None, normalize="xy", affinity_floor=1e-6, self_mask=100.0,
+                                  attraction=1.0, repulsion=1.0)
+    return gen, pos, neg, neg_weight, kernel
+
+
 def build_files(spec: str) -> dict[str, str] | None:
     """The two files' text of a build ("current": None, the library's own module). Raises ValueError, naming the
     build, when they cannot be found."""
@@ -105,14 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tune_drift_kernel import cuda_ms as timed, relative  # its median timing (after a warm-up) and error
 
     b, r = args.problems, len(TEMPERATURES)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    gen = torch.randn(b, C_G, S, device="cuda", generator=g).bfloat16()
-    pos = (torch.randn(b, C_P, S, device="cuda", generator=g) + 0.2).bfloat16()
-    neg = torch.randn(b, C_N, S, device="cuda", generator=g).bfloat16()
-    neg_weight = torch.rand(b, C_N, device="cuda", generator=g) * 4
-    options = dict(temperatures=TEMPERATURES, gen_weight=None, pos_weight=None, normalize="xy",
-                   affinity_floor=1e-6, self_mask=100.0, attraction=1.0, repulsion=1.0)
-    kernel = drift_triton._Kernel(gen, pos, neg, neg_weight=neg_weight, **options)
+    gen, pos, neg, neg_weight, kernel = key_problems(b)
     if kernel.cuda is None:
         parser.error("the library's CUDA kernel does not take these problems on this device (drift_cuda.supports)")
     c = kernel.cuda

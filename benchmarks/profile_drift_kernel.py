@@ -87,6 +87,8 @@ def run(args) -> None:
 
     if not torch.cuda.is_available():
         sys.exit("run: needs a CUDA GPU (and ncu around it to be of use)")
+    from drift_cuda_builds import key_problems  # the same problems as the builds' comparison
+
     from drifting.kernels import drift_cuda, drift_triton
     folder = Path(args.cubins)
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,15 +101,8 @@ def run(args) -> None:
 
     drift_cuda.nvrtc_cubin = with_lines
     drift_triton.VARIANT["cuda"] = True
-    g = torch.Generator(device="cuda").manual_seed(0)
     b = args.problems
-    gen = torch.randn(b, 64, 256, device="cuda", generator=g).bfloat16()
-    pos = (torch.randn(b, 64, 256, device="cuda", generator=g) + 0.2).bfloat16()
-    neg = torch.randn(b, 16, 256, device="cuda", generator=g).bfloat16()
-    weights = torch.rand(b, 16, device="cuda", generator=g) * 4
-    kernel = drift_triton._Kernel(gen, pos, neg, temperatures=(0.02, 0.05, 0.2), gen_weight=None, pos_weight=None,
-                                  neg_weight=weights, normalize="xy", affinity_floor=1e-6, self_mask=100.0,
-                                  attraction=1.0, repulsion=1.0)
+    gen, _, _, _, kernel = key_problems(b)
     if kernel.cuda is None:
         sys.exit("run: the CUDA kernel does not take these problems on this GPU (drift_cuda.supports)")
     sums = kernel.scale_sums().sum(0)  # pass 1
