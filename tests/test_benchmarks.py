@@ -134,6 +134,49 @@ def test_cuda_builds_benchmark_finds_every_build_before_any_work(tmp_path, monke
         assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_whatif_builds_are_todays_kernel_with_their_edits_and_a_stale_edit_is_named(tmp_path, capsys):
+    """drift_cuda_whatif.py: each timing-only build is today's kernel with its edits and nothing else, in a folder
+    that drift_cuda_builds.py takes; an edit whose text the kernel no longer has is named before anything is
+    written."""
+    bench = _load("drift_cuda_whatif")
+    kernels = ROOT / "drifting" / "kernels"
+    source = (kernels / "drift_cuda.cu").read_text()
+    low = "    for (int kk = 0; kk < NK; ++kk) wgmma_rs(f, alo[kk], smem_desc(base + kk * 2048), 1);\n"
+    assert source.count(low) == 1
+    folders = bench.main(["--out", str(tmp_path / "whatif")])
+    assert [f.name for f in folders] == ["no_lo_pass2", "fp16_pass2", "no_lo"]
+    texts = {f.name: _load("drift_cuda_builds").build_files(str(f)) for f in folders}
+    for files in texts.values():
+        assert files["drift_cuda.py"] == (kernels / "drift_cuda.py").read_text()
+    only_pass3 = "    if constexpr (PASS3)\n" + low
+    assert texts["no_lo_pass2"]["drift_cuda.cu"] == source.replace(low, only_pass3)
+    assert texts["no_lo"]["drift_cuda.cu"] == source.replace(low, "")
+    fp16 = texts["fp16_pass2"]["drift_cuda.cu"]
+    sweep_start, sweep_end = fp16.index("  if constexpr (PASS == 2) {  // what-if"), fp16.index(
+        "  if constexpr (PASS == 1) {  // [sum_ij")
+    assert "cvt.rn.f16x2.f32" in fp16[sweep_start:sweep_end]
+    assert fp16[:sweep_start] + fp16[sweep_end:] == source.replace(low, only_pass3)
+    with pytest.raises(ValueError, match="build 'no_lo': the kernel has 0 copies of 'for \\(int kk"):
+        bench.edited(source.replace(low, ""), "no_lo")
+    for argv, expected in [(["--builds", "no_lo,faster"], "build 'faster': expected one of no_lo_pass2, "),
+                           (["--builds", ","], "--builds: expected at least one build")]:
+        with pytest.raises(SystemExit):
+            bench.main(["--out", str(tmp_path / "never"), *argv])
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_scaling_benchmark_checks_its_arguments_before_asking_for_a_gpu(capsys):
+    bench = _load("scale_problems")
+    cases = [(["--problems", "0"], "--problems: expected a positive integer, got 0")]
+    if not torch.cuda.is_available():
+        cases.append(([], "needs a CUDA GPU"))
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
 def test_kernel_profile_sums_stall_samples_by_line_of_the_kernel(tmp_path, capsys):
     """`profile_drift_kernel.py lines`: ncu's samples per instruction summed by source line, code inlined into the
     kernel counted at its call site; bad input is named before any work."""

@@ -1,0 +1,113 @@
+"""The fused drifting loss's backward pass on the 32x32 key: the gradient, written by pass 3 in the forward, scaled
+per problem by the loss's incoming gradient (`drift_triton.scale_problems_`, in place; CUDA only).
+
+It reads and writes the whole bf16 gradient once, so its floor is the card's memory bandwidth: the script times it
+next to a plain device copy of the same bytes (`copy_`, read + write), and with --sweep the same kernel at other
+launch settings (elements per program, warps, an eviction hint, a flat grid):
+
+    python benchmarks/scale_problems.py --sweep --out scale_problems.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+C_G, S = 64, 256  # the 32x32 key's problems: [C_g, S] gradients
+
+
+def median_ms(fn, repeat: int) -> float:
+    """Median of `repeat` timed calls after two untimed ones (CUDA events)."""
+    times = []
+    for _ in range(repeat + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times = sorted(times[2:])
+    return times[len(times) // 2]
+
+
+def sweep_kernels():
+    """The scaling at other launch settings: the library's kernel with an eviction hint, and a flat grid whose
+    programs find their problem by division."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def per_problem(grad_ptr, scale_ptr, per_problem, BLOCK: tl.constexpr, EVICT: tl.constexpr):
+        b = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < per_problem
+        ptr = grad_ptr + b.to(tl.int64) * per_problem + offs
+        if EVICT:
+            x = tl.load(ptr, mask=mask, eviction_policy="evict_first")
+        else:
+            x = tl.load(ptr, mask=mask)
+        tl.store(ptr, (x.to(tl.float32) * tl.load(scale_ptr + b)).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def flat(grad_ptr, scale_ptr, per_problem, total, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        x = tl.load(grad_ptr + offs, mask=mask)
+        s = tl.load(scale_ptr + offs // per_problem, mask=mask)
+        tl.store(grad_ptr + offs, (x.to(tl.float32) * s).to(x.dtype), mask=mask)
+
+    return triton, per_problem, flat
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=65536, help="problems of the 32x32 key (65,536 in a step)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per figure (the median is reported)")
+    parser.add_argument("--sweep", action="store_true", help="also other launch settings of the same kernel")
+    parser.add_argument("--out", help="a JSON file for the results")
+    args = parser.parse_args(argv)
+    for name in ("problems", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the kernel is the fused loss's CUDA backward)")
+
+    from drifting.kernels import drift_triton
+
+    b, per = args.problems, C_G * S
+    grad = torch.randn(b, C_G, S, device="cuda").bfloat16()
+    scale = torch.ones(b, device="cuda")  # x 1: the same values every call
+    gigabytes = 2 * grad.numel() * grad.element_size() / 1e9  # read + write
+    copy = torch.empty_like(grad)
+    rows = {"library kernel (scale_problems_)": median_ms(lambda: drift_triton.scale_problems_(grad, scale),
+                                                           args.repeat),
+            "copy_ to another buffer (bandwidth reference)": median_ms(lambda: copy.copy_(grad), args.repeat)}
+    if args.sweep:
+        triton, per_problem, flat = sweep_kernels()
+        for block in (2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16):
+                for evict in (False, True):
+                    grid = (b, triton.cdiv(per, block))
+                    rows[f"per problem, block {block}, {warps} warps, evict_first {evict}"] = median_ms(
+                        lambda: per_problem[grid](grad, scale, per, BLOCK=block, EVICT=evict, num_warps=warps),
+                        args.repeat)
+        for block in (4096, 8192, 16384):
+            for warps in (4, 8):
+                grid = (triton.cdiv(b * per, block),)
+                rows[f"flat, block {block}, {warps} warps"] = median_ms(
+                    lambda: flat[grid](grad, scale, per, b * per, BLOCK=block, num_warps=warps), args.repeat)
+    card = torch.cuda.get_device_name()
+    print(f"{card}, gradient [{b}, {C_G}, {S}] bf16, read + write {gigabytes:.2f} GB, median of {args.repeat}")
+    for name, ms in sorted(rows.items(), key=lambda item: item[1]):
+        print(f"{name:60s} {ms:7.3f} ms  {gigabytes / ms:5.2f} TB/s")
+    result = {"card": card, "problems": b, "gigabytes": gigabytes, "ms": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
