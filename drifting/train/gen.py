@@ -162,9 +162,9 @@ class TrainConfig:
     loss_cuda_graph: bool = False
     # With class chunks on one CUDA process: the statistics pass's encoders and key math replayed from one CUDA graph
     # (FeatureDriftLoss.stats(..., cuda_graph=True)): the same statistics, the host's launches of some thousands of
-    # kernels per step made once: 0.1-0.3 s per ablation step on an H200 (fourteenth sitting). Memory: the graph keeps
-    # its peak (every chunk's generated taps) reserved: +30 GiB at the ablation size with chunks of 4, more than an
-    # 80-GiB H100 holds beside the step.
+    # kernels per step made once: 0.1-0.6 s per ablation step on an H200, the more the slower the host (fourteenth and
+    # twentieth sittings of docs/benchmarks.md). Memory: the graph keeps its peak (every chunk's generated taps)
+    # reserved: +30 GiB at the ablation size with chunks of 4, more than an 80-GiB H100 holds beside the step.
     stats_cuda_graph: bool = False
     lr: float = 1e-3  # the tiny default model; the paper's presets use 2e-4 or 4e-4
     warmup_steps: int = 20
