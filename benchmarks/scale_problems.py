@@ -18,20 +18,6 @@ import torch
 C_G, S = 64, 256  # the 32x32 key's problems: [C_g, S] gradients
 
 
-def median_ms(fn, repeat: int) -> float:
-    """Median of `repeat` timed calls after two untimed ones (CUDA events)."""
-    times = []
-    for _ in range(repeat + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times = sorted(times[2:])
-    return times[len(times) // 2]
-
-
 def sweep_kernels():
     """The scaling at other launch settings: the library's kernel with an eviction hint, and a flat grid whose
     programs find their problem by division."""
@@ -75,6 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("needs a CUDA GPU (the kernel is the fused loss's CUDA backward)")
 
     from drifting.kernels import drift_triton
+    from tune_drift_kernel import cuda_ms  # median of CUDA-event timings after a warm-up call
+
+    def median_ms(fn, repeat: int) -> float:
+        fn()  # a second warm-up: a Triton kernel's first call compiles it
+        return cuda_ms(fn, repeat)
 
     b, per = args.problems, C_G * S
     grad = torch.randn(b, C_G, S, device="cuda").bfloat16()
