@@ -177,6 +177,30 @@ def test_scaling_benchmark_checks_its_arguments_before_asking_for_a_gpu(capsys):
         assert exit_info.value.code == 2 and expected in capsys.readouterr().err
 
 
+def test_force_precision_study_builds_the_reference_field_and_orders_the_roundings(capsys):
+    """force_precision.py: its coefficients give the reference's field (drift.field_from_affinity at the reference's
+    affinities), and the roundings' errors come out in the order of their bits."""
+    from drifting.drift import affinity, field_from_affinity, pairwise_distance
+
+    bench = _load("force_precision")
+    x, targets, weights = bench.problems(3, offset=1.0)
+    dist = pairwise_distance(x, targets)
+    scale = (dist * weights[:, None, :]).sum() / (weights.sum() * x.shape[1])
+    normalized = dist / scale + torch.eye(x.shape[1], targets.shape[1], dtype=x.dtype) * 100.0
+    for tau, coef in zip(bench.TEMPERATURES, bench.coefficients(x, targets, weights)):
+        field = field_from_affinity(affinity(-normalized / tau, "xy", 1e-6), x, targets, bench.C_G + bench.C_N,
+                                    weights)
+        torch.testing.assert_close(coef @ targets, field, rtol=1e-5, atol=1e-5 * field.abs().max().item())
+    result = bench.main(["--problems", "3", "--offset", "0", "2"])
+    for r in result:
+        errors = {how: max(r["per_problem_error"][how]) for how in bench.ROUNDINGS}
+        assert errors["bf16 hi+lo"] < errors["fp16"] / 10 and errors["fp16"] < errors["bf16"] / 2, errors
+        assert r["fp16_target_change"] == 0.0  # bf16 values of these sizes are exact in fp16
+    assert "offset 2 (median |y| / |y - x|" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="rounding 'fp8': expected one of bf16 hi\\+lo, bf16, fp16"):
+        bench.rounded(x, "fp8")
+
+
 def test_kernel_profile_sums_stall_samples_by_line_of_the_kernel(tmp_path, capsys):
     """`profile_drift_kernel.py lines`: ncu's samples per instruction summed by source line, code inlined into the
     kernel counted at its call site; bad input is named before any work."""
