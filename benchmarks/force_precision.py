@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from drifting.drift import affinity, pairwise_distance
+from drifting.drift import CODE_AFFINITY_FLOOR, CODE_SELF_MASK, affinity, pairwise_distance
 
 TEMPERATURES = (0.02, 0.05, 0.2)
 C_G, C_P, C_N, S = 64, 64, 16, 256  # the 32x32 key's problems
@@ -43,7 +43,7 @@ def problems(b: int, offset: float, seed: int = 0):
     return gen, targets, weights
 
 
-def coefficients(x, targets, weights, temperatures=TEMPERATURES, floor=1e-6, self_mask=100.0):
+def coefficients(x, targets, weights, temperatures=TEMPERATURES, floor=CODE_AFFINITY_FLOOR, self_mask=CODE_SELF_MASK):
     """Per temperature the [b, C_g, T] coefficients C of F = C Y, the self-term -rowsum(coef) x folded into the
     diagonal (as the CUDA kernel does), from the reference's affinities (the `drift_loss` defaults otherwise)."""
     dist = pairwise_distance(x, targets)
