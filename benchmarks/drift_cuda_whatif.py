@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--builds", default=",".join(BUILDS), help=f"comma-separated, of {', '.join(BUILDS)}")
     args = parser.parse_args(argv)
     names = [n for n in args.builds.split(",") if n]
+    if not names:
+        parser.error("--builds: expected at least one build")
     source = (KERNELS / "drift_cuda.cu").read_text()
     try:
         texts = {name: edited(source, name) for name in names}  # every edit checked before anything is written
     except ValueError as err:
         parser.error(str(err))
-    if not names:
-        parser.error("--builds: expected at least one build")
     folders = []
     for name, text in texts.items():
         folder = Path(args.out) / name

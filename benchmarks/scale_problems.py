@@ -19,21 +19,18 @@ C_G, S = 64, 256  # the 32x32 key's problems: [C_g, S] gradients
 
 
 def sweep_kernels():
-    """The scaling at other launch settings: the library's kernel with an eviction hint, and a flat grid whose
-    programs find their problem by division."""
+    """The kernels of the sweep: the library's with an eviction hint on its loads (otherwise the same code), and a
+    flat grid whose programs find their problem by division. (Without the hint the sweep runs the library's own.)"""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def per_problem(grad_ptr, scale_ptr, per_problem, BLOCK: tl.constexpr, EVICT: tl.constexpr):
+    def evict_first(grad_ptr, scale_ptr, per_problem, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < per_problem
         ptr = grad_ptr + b.to(tl.int64) * per_problem + offs
-        if EVICT:
-            x = tl.load(ptr, mask=mask, eviction_policy="evict_first")
-        else:
-            x = tl.load(ptr, mask=mask)
+        x = tl.load(ptr, mask=mask, eviction_policy="evict_first")
         tl.store(ptr, (x.to(tl.float32) * tl.load(scale_ptr + b)).to(x.dtype), mask=mask)
 
     @triton.jit
@@ -44,7 +41,7 @@ def sweep_kernels():
         s = tl.load(scale_ptr + offs // per_problem, mask=mask)
         tl.store(grad_ptr + offs, (x.to(tl.float32) * s).to(x.dtype), mask=mask)
 
-    return triton, per_problem, flat
+    return triton, evict_first, flat
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,14 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                            args.repeat),
             "copy_ to another buffer (bandwidth reference)": median_ms(lambda: copy.copy_(grad), args.repeat)}
     if args.sweep:
-        triton, per_problem, flat = sweep_kernels()
+        triton, evict_first, flat = sweep_kernels()
         for block in (2048, 4096, 8192, 16384):
             for warps in (4, 8, 16):
-                for evict in (False, True):
+                for evict, kernel in ((False, drift_triton._scale_problems), (True, evict_first)):
                     grid = (b, triton.cdiv(per, block))
                     rows[f"per problem, block {block}, {warps} warps, evict_first {evict}"] = median_ms(
-                        lambda: per_problem[grid](grad, scale, per, BLOCK=block, EVICT=evict, num_warps=warps),
-                        args.repeat)
+                        lambda: kernel[grid](grad, scale, per, BLOCK=block, num_warps=warps), args.repeat)
         for block in (4096, 8192, 16384):
             for warps in (4, 8):
                 grid = (triton.cdiv(b * per, block),)
