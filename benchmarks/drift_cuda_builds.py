@@ -17,7 +17,9 @@ the builds' differences: on an H100 it is a few percent.
     python benchmarks/drift_cuda_builds.py git:3f2a1c0 path/to/build current --rounds 2 --out builds.json
 
 A build must take today's launch arguments (`drift_cuda.launch`); those since 2026-11-28 do. Pass 1 is timed
-only for builds that run it (`pass1_shared_bytes`).
+only for builds that run it (`pass1_shared_bytes`). Every pass gets the buffer that a call's passes share, pass 1
+included (where it writes the targets' squared norms, since the twenty-first sitting); earlier builds get its old
+size (`norm_floats` is added to them).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def load_build(spec: str, texts: dict[str, str] | None, scratch: Path, index: in
     module_spec = importlib.util.spec_from_file_location(f"drift_cuda_build{index}", folder / "drift_cuda.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    if not hasattr(module, "norm_floats"):  # builds before 2026-11-28: pass 1 takes no buffer, passes 2 and 3 R W floats
+        module.norm_floats = lambda c_n, r: r * module.norm_width(c_n)
     return module
 
 
@@ -144,11 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
                      params if pass_ > 1 else kernel.dummy, norm, c["dummy"], **c["options"],
                      params_stride=0, lambda_stride=0)
 
+        # the buffer the passes of a call share (pass 1 writes the targets' squared norms there, as in a call)
+        width = r * m.norm_width(C_N)
+        norm = torch.empty(b, m.norm_floats(C_N, r), device="cuda")
         ms1 = None
         if hasattr(m, "pass1_shared_bytes"):
             out1 = torch.empty(b, 2, device="cuda")
-            ms1 = timed(lambda: launch(1, out1, kernel.dummy, None, None), args.repeat)
-        norm = torch.empty(b, r, m.norm_width(C_N), device="cuda")
+            ms1 = timed(lambda: launch(1, out1, kernel.dummy, None, norm), args.repeat)
         out2 = torch.empty(b, r + 1, device="cuda")
         ms2 = timed(lambda: launch(2, out2, kernel.dummy, None, norm), args.repeat)
         if first is None:
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         ms3 = timed(lambda: launch(3, loss, lambdas, grad, norm), args.repeat)
         again = grad.clone()
         launch(3, loss, lambdas, grad, norm)
-        outputs = dict(sq=out2[:, :r], loss=loss, grad=grad, norm=norm, lambdas=lambdas)
+        outputs = dict(sq=out2[:, :r], loss=loss, grad=grad, norm=norm[:, :width], lambdas=lambdas)
         return (ms1, ms2, ms3), outputs, torch.equal(again, grad)
 
     print(f"{torch.cuda.get_device_name()}, {b} problems of the 32x32 key, median of {args.repeat}")

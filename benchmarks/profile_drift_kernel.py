@@ -105,9 +105,9 @@ def run(args) -> None:
     gen, _, _, _, kernel = key_problems(b)
     if kernel.cuda is None:
         sys.exit("run: the CUDA kernel does not take these problems on this GPU (drift_cuda.supports)")
-    sums = kernel.scale_sums().sum(0)  # pass 1
+    norm = kernel.norm_buffer()  # shared by the three passes, as in a call
+    sums = kernel.scale_sums(norm).sum(0)  # pass 1
     scale = sums[0] / sums[1]
-    norm = kernel.norm_buffer()
     squares = kernel.square_sums(scale, norm).sum(0)  # pass 2
     inv_lambda = (squares[:-1] / squares[-1]).sqrt().reciprocal().float()
     loss, grad = torch.empty(b, device="cuda"), torch.empty_like(gen)

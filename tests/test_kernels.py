@@ -444,6 +444,35 @@ def test_cuda_kernel_statistics_pass_equals_reference(cuda_kernel):
     assert relative(sums_f, sums_r) < 1e-5 and relative(squares_f, squares_r) < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(9, 17, 33, 5, 96), (7, 5, 3, 0, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernel_pass1_hands_the_targets_norms_on(shape, cuda_kernel):
+    """Pass 1 writes the squared norms of the negatives and positives into the buffer a call's passes share, and
+    passes 2 and 3 take them in place of their own products: the norms are |y|^2, and pass 2's sums equal, bit for
+    bit, those of a pass 2 that computes the norms itself; pass 1's own sums do not change."""
+    from drifting.kernels import drift_cuda
+    from drifting.kernels.drift_triton import _Kernel
+
+    gen, pos, neg, w = inputs(shape, torch.bfloat16, seed=17)
+    temperatures = (0.02, 0.05, 0.2)
+    kernel = _Kernel(gen, pos, neg, neg_weight=w, temperatures=temperatures, gen_weight=None, pos_weight=None,
+                     normalize="xy", affinity_floor=0.0, self_mask=100.0, attraction=1.0, repulsion=1.0)
+    assert kernel.cuda is not None
+    norm = kernel.norm_buffer().fill_(float("nan"))  # every norm read must have been written
+    c_n = 0 if neg is None else neg.shape[1]
+    assert norm.shape == (shape[0], drift_cuda.norm_floats(c_n, 3))
+    sums = kernel.scale_sums(norm)
+    assert torch.equal(sums, kernel.scale_sums())
+    handed = norm[:, 3 * drift_cuda.norm_width(c_n):]
+    blocks = [(0, neg)] if c_n else []
+    for start, y in blocks + [(drift_cuda.NEGATIVES if c_n else 0, pos)]:
+        expected = y.double().square().sum(-1)
+        assert relative(handed[:, start:start + y.shape[1]], expected) < 1e-6
+    scale = sums.sum(0)[0] / sums.sum(0)[1]
+    shared = kernel.square_sums(scale, norm)
+    assert torch.equal(shared, kernel.square_sums(scale)) and shared.isfinite().all()
+    assert cuda_kernel == [1, 1, 2, 2]
+
+
 def test_cuda_kernel_with_given_and_stacked_statistics(cuda_kernel):
     """Pass 3 alone (training's loss calls): statistics from the chunked passes, one scale and lambda per problem."""
     gen, pos, neg, w, stacked, groups, alone = stacked_keys(torch.bfloat16, seed=11)

@@ -19,8 +19,10 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 ARGS = ("const u16*, const u16*, const u16*, int, int, int, int, int, int, const float*, const float*, const float*, "
         "int, int, int, const float*, const float*, float*, u16*, const float*, float*, int, int, int, int, int, int, "
         "int, double, double, double, double")
-INSTANCES = {  # the ablation's 32x32 key: pass 1, pass 2 writing the normalisers, pass 3 reading them, pass 3 alone
+INSTANCES = {  # the ablation's 32x32 key: pass 1 alone and writing the targets' norms, pass 2 writing the
+    # normalisers, pass 3 reading them, pass 3 alone
     "pass1": "1, 0, 16, 4, false, false, false",
+    "pass1_norms": "1, 0, 16, 4, true, false, false",
     "pass2": "2, 0, 16, 4, true, false, false",
     "pass3": "3, 0, 16, 4, false, true, true",
     "pass3_alone": "3, 0, 16, 4, false, false, true",

@@ -62,6 +62,7 @@ struct Layout {
   static constexpr int NEG0 = kBG / 8;          // first tile of the negatives
   static constexpr int POS0 = (kBG + BN) / 8;   // first tile of the positives
   static constexpr int NORM_WIDTH = kBG + T;    // u (rows), then v (targets), per problem and temperature
+  static constexpr int TQ = T - kBG;             // the other targets (negatives, positives): their squared norms
   static constexpr int PART = T + 4;            // row stride of the column partials (conflict-free float2 stores)
 };
 
@@ -504,6 +505,10 @@ __device__ __forceinline__ float diagonal(const float (&d)[NJ][4], int warp, int
 // division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
 // negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the
 // normalisers in log2 form, u_i and v_j + log2 w_j (the weight rides on v); LOAD_NORM (pass 3) reads them.
+// The same buffer hands the squared norms of the targets other than the generated rows from pass 1 (STORE_NORM) to
+// passes 2 (STORE_NORM) and 3 (LOAD_NORM), which then skip their products (the generated rows' norms come free, the
+// diagonal of the distance product): a call's passes share one buffer, and pass 1 runs first. Per problem the buffer
+// holds R W floats of normalisers, then TQ squared norms, unscaled (drift_cuda.norm_floats).
 //
 // Order of work in pass 2, per temperature: the normalisers from the softmax sums (two barriers for the column
 // sums, "xy" only), the affinities and coefficients, then the force, during which the next temperature's softmax
@@ -520,10 +525,13 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
   static_assert(PASS >= 1 && PASS <= 3, "passes 1-3");
   static_assert(Layout<BN>::T * 8 % kThreads == 0, "every lane takes part in the squared norms' shuffles");
-  static_assert(!(STORE_NORM && LOAD_NORM) && !(LOAD_NORM && PASS == 2) && !(STORE_NORM && PASS == 3),
+  static_assert(Layout<BN>::TQ <= kThreads, "one thread per squared norm handed from pass 1");
+  static_assert(!(STORE_NORM && LOAD_NORM) && !(LOAD_NORM && PASS != 3) && !(STORE_NORM && PASS == 3),
                 "pass 2 stores the normalisers, pass 3 loads them");
   using L = Layout<BN>;
-  constexpr int T = L::T, NT = L::NT, W = L::NORM_WIDTH, PART = L::PART;
+  constexpr int T = L::T, NT = L::NT, W = L::NORM_WIDTH, PART = L::PART, TQ = L::TQ;
+  constexpr bool SQN_OUT = PASS == 1 && STORE_NORM;  // pass 1 writes the other targets' squared norms
+  constexpr bool SQN_IN = PASS != 1 && (STORE_NORM || LOAD_NORM);  // passes 2 and 3 read them
   constexpr bool SUMS = NORM != 2 && !LOAD_NORM;  // this pass computes the softmax sums
   constexpr bool COLUMNS = SUMS && NORM == 0;     // ... and the column ones
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -574,11 +582,13 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   const float s_in = PASS != 1 ? params[b * params_stride + 1] : 1.0f;
   const float temp_in = PASS != 1 && tid < R ? temps[tid] : 1.0f;
   const float inv_l_in = PASS == 3 && tid < R ? inv_lambda[b * lambda_stride + tid] : 1.0f;
+  const long long nf = (long long)R * W + TQ;  // the problem's floats in `norm`: normalisers, then squared norms
+  const float sq_in = SQN_IN && tid < TQ ? norm[b * nf + R * W + tid] : 0.0f;  // target kBG + tid's, from pass 1
 
   // ---- the inputs into shared memory: the normalisers (LOAD_NORM), then one commit group per chunk of the targets,
   // so chunk 0's products start early ----------------------------------------------------------------------------
   if constexpr (LOAD_NORM) {
-    const float* src = norm + b * R * W;
+    const float* src = norm + b * nf;
     for (int idx = tid; idx < R * W / 4; idx += kThreads) cp_async16(smem_u32(nrm + 4 * idx), src + 4 * idx, true);
     cp_async_commit();
   }
@@ -626,7 +636,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     const float w = w_in[k];
     // passes 2 and 3: +inf on the padding, so that its normalised distances are +inf with no test per entry (their
     // logits are then -inf, every exponential of them exactly 0)
-    sqn[j] = (PASS == 1 || target_valid<BN>(j, CG, CN, CP)) ? 0.0f : kInf;
+    if (!SQN_IN || j < kBG) sqn[j] = (PASS == 1 || target_valid<BN>(j, CG, CN, CP)) ? 0.0f : kInf;
     if constexpr (PASS == 1) {
       wts[j] = w;
     } else {
@@ -648,6 +658,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   float inv_scale = 1.0f;
   if constexpr (PASS != 1) inv_scale = 1.0f / fmaxf(scale_in, 1e-3f);
   const float sq_scale = inv_scale * inv_scale;
+  if constexpr (SQN_IN) {  // the other targets' squared norms from pass 1 (+inf on the padding, as above)
+    if (tid < TQ) sqn[kBG + tid] = target_valid<BN>(kBG + tid, CG, CN, CP) ? sq_in * sq_scale : kInf;
+  }
   auto store_sqn = [&](int j, float value) { sqn[j] += value * sq_scale; };
   float acc[NT][4];
 #pragma unroll
@@ -655,7 +668,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
 #if DRIFT_WGMMA
   // the other targets' squared norms from the tensor cores, as the distances' products (~900 instructions a warp on
   // the CUDA cores otherwise): the diagonal of Y_b Y_b^T for rows 64..127 (n64), and with negatives (T = 144) that
-  // of rows 128..143 as the last 16 rows of rows 80..143 times rows 128..143 (n16: a quarter of an n64 product)
+  // of rows 128..143 as the last 16 rows of rows 80..143 times rows 128..143 (n16: a quarter of an n64 product).
+  // Passes 2 and 3 read them from pass 1 where they can (SQN_IN): a third of the tensor-core work of this phase,
+  // 0.4-0.6 ms of a 32x32-key call on an H200
   static_assert(T == kBG + 64 || T == kBG + 80, "the other targets: 64 or 80 rows");
   constexpr bool TAIL = T == kBG + 80;
   float gram[8][4], tail[2][4];
@@ -673,9 +688,11 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       const u32 chunk = ys + c * T * 128 + ks * 32;  // 1024-byte aligned row blocks: multiples of 8 rows
       const unsigned long long d = smem_desc(chunk);  // A: rows 0..63 of the same chunk
       wgmma_ss(acc, d, d, 1);
-      const unsigned long long e = smem_desc(chunk + kBG * 128);
-      wgmma_ss(gram, e, e, 1);
-      if constexpr (TAIL) wgmma_ss(tail, smem_desc(chunk + (T - 64) * 128), smem_desc(chunk + 128 * 128), 1);
+      if constexpr (!SQN_IN) {
+        const unsigned long long e = smem_desc(chunk + kBG * 128);
+        wgmma_ss(gram, e, e, 1);
+        if constexpr (TAIL) wgmma_ss(tail, smem_desc(chunk + (T - 64) * 128), smem_desc(chunk + 128 * 128), 1);
+      }
     }
     wgmma_commit();
   }
@@ -688,8 +705,10 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     for (int h = 0; h < 2; ++h) {
       const int r = 16 * warp + 8 * h + g;
       store_sqn(r, diagonal(acc, warp, h, g));
-      store_sqn(kBG + r, diagonal(gram, warp, h, g));
-      if (TAIL && warp == 3) store_sqn(128 + 8 * h + g, diagonal(tail, 0, h, g));
+      if constexpr (!SQN_IN) {
+        store_sqn(kBG + r, diagonal(gram, warp, h, g));
+        if (TAIL && warp == 3) store_sqn(128 + 8 * h + g, diagonal(tail, 0, h, g));
+      }
     }
   }
 #else
@@ -716,9 +735,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   }
 #endif
 #if !DRIFT_WGMMA
-  // squared norms of every target row (the generated rows' are their own): 8 lanes per row, one 16-byte segment
-  // of each chunk per lane, then a sum over the 8 lanes
-  for (int idx = tid; idx < T * 8; idx += kThreads) {
+  // squared norms of every target row (the generated rows' are their own; with SQN_IN only those): 8 lanes per
+  // row, one 16-byte segment of each chunk per lane, then a sum over the 8 lanes
+  for (int idx = tid; idx < (SQN_IN ? kBG : T) * 8; idx += kThreads) {
     const int row = idx >> 3, seg = idx & 7;
     float sum[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -740,6 +759,9 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
 #endif
   __syncthreads();
 
+  if constexpr (SQN_OUT) {  // for passes 2 and 3 of this call (sqn is unscaled in pass 1)
+    if (tid < TQ) norm[b * nf + R * W + tid] = sqn[kBG + tid];
+  }
   if constexpr (PASS == 1) {  // [sum_ij w_j d_ij, C_g sum_j w_j] over the valid rows and targets, as the Triton kernel
     float part_sum[2] = {0.0f, 0.0f};
     const float sq_row[2] = {sqn[row0], sqn[row0 + 8]};
@@ -870,7 +892,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
         const float lz = (NORM == 0 ? 0.5f : 1.0f) * (rm[h] + log2_approx(z));
         u[h] = row_ok[h] ? -lz : 0.0f;
       }
-      float* nb = norm + (b * R + r) * W;
+      float* nb = norm + b * nf + r * W;
       if constexpr (STORE_NORM) {
         if (t == 0) {
           nb[row0] = u[0];

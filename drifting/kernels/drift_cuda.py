@@ -6,7 +6,8 @@ inputs, C_g <= 64, C_p <= 64, C_n <= 16, S a multiple of 8 and at most 256: the 
 and runs the Triton kernel otherwise. Same outputs ([B, 2] distance sums, [B, R + 1] square sums, the loss and the
 gradient), same arithmetic: bf16 tensor-core distances with fp32 accumulation, hi/lo-split force coefficients, fp32
 softmaxes. Only the softmax normalisers handed from pass 2 to pass 3 are stored differently (base 2, `norm_width`
-floats per problem and temperature), so both passes of a call take the same path.
+floats per problem and temperature), so both passes of a call take the same path. The same buffer also hands the
+targets' squared norms from pass 1 to passes 2 and 3 (`norm_floats`), which then skip those products.
 
 The source is compiled with NVRTC (no C++ build step, no header, no CUDA toolkit: the NVRTC library PyTorch ships
 with), once per template instance and device, for the device's own architecture: on an H100/H200 ("sm_90a") the
@@ -39,6 +40,13 @@ def _targets(c_n: int) -> int:
 def norm_width(c_n: int) -> int:
     """Floats per problem and temperature of pass 2's normalisers: u of the rows, then v + log2 w of the targets."""
     return ROWS + _targets(c_n)
+
+
+def norm_floats(c_n: int, num_temperatures: int) -> int:
+    """Floats per problem of the buffer that a call's passes share: pass 2's normalisers (`norm_width` per
+    temperature), then the squared norms of the targets other than the generated rows, written by pass 1 and read by
+    passes 2 and 3 in place of their own products."""
+    return num_temperatures * norm_width(c_n) + _targets(c_n) - ROWS
 
 
 def shared_bytes(c_n: int, s: int, num_temperatures: int, load_norm: bool) -> int:
@@ -178,12 +186,14 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
            dummy: Tensor, *, normalize: str, sqrt_floor: float, self_mask: float, attraction: float,
            repulsion: float, params_stride: int, lambda_stride: int) -> None:
     """Pass 1, 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
-    weights: (gen, neg, pos) float32 [B, C] or None."""
+    weights: (gen, neg, pos) float32 [B, C] or None. norm: [B, norm_floats] float32 shared by the passes of one
+    call, in order: pass 1 writes the targets' squared norms there, pass 2 reads them and writes its normalisers,
+    pass 3 reads both (or None for each pass: it computes them itself)."""
     b, c_g, s = gen.shape
     c_n = 0 if neg is None else neg.shape[1]
     bn = NEGATIVES if c_n else 0
     chunks = -(-s // CHUNK)
-    store, load = norm is not None and pass_ == 2, norm is not None and pass_ == 3
+    store, load = norm is not None and pass_ in (1, 2), norm is not None and pass_ == 3
     device = gen.device.index or 0
     kernel = _compiled(pass_, NORMALIZE_CODE[normalize] if pass_ != 1 else 0, bn, chunks, store, load,
                        grad is not None, device)

@@ -492,7 +492,8 @@ class _Kernel:
 
     def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None,
                norm: Tensor | None = None) -> None:
-        """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale)."""
+        """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale);
+        the CUDA kernel's pass 1 writes the targets' squared norms there first (`norm_buffer`)."""
         per_problem = dict(params_stride=2 if params.dim() == 2 else 0,  # [B, 2] / [B, R]: one per problem
                            lambda_stride=inv_lambda.shape[-1] if inv_lambda.dim() == 2 else 0)
         if self.cuda is not None:
@@ -507,12 +508,15 @@ class _Kernel:
                                         LOAD_NORM=norm is not None and pass_ == 3, **self.common)
 
     def norm_buffer(self) -> Tensor | None:
-        """[B, R, 2 BG + BN + BP] float32 for the softmax normalisers (u, then v of each block), or None."""
+        """The buffer that a call's passes share, or None: for the Triton kernel [B, R, 2 BG + BN + BP] float32,
+        the softmax normalisers (u, then v of each block); for the CUDA kernel also the targets' squared norms from
+        pass 1 ([B, drift_cuda.norm_floats])."""
         if not VARIANT["share_norm"] or self.common["NORMALIZE"] == NORMALIZE_CODE["none"]:
             return None
         c = self.common
-        width = drift_cuda.norm_width(c["CN"]) if self.cuda is not None else 2 * c["BG"] + c["BN"] + c["BP"]
-        return torch.empty(self.shape[0], c["R"], width, **self.f32)
+        if self.cuda is not None:
+            return torch.empty(self.shape[0], drift_cuda.norm_floats(c["CN"], c["R"]), **self.f32)
+        return torch.empty(self.shape[0], c["R"], 2 * c["BG"] + c["BN"] + c["BP"], **self.f32)
 
     def params(self, scale: Tensor) -> Tensor:
         """[scale, s_in] as float32 on the device ([B, 2] for one scale per problem); the statistics never leave
@@ -520,10 +524,11 @@ class _Kernel:
         scale = scale.to(self.device)
         return torch.stack([scale, (scale / math.sqrt(self.shape[2])).clamp_min(MIN_SCALE)], dim=-1).float()
 
-    def scale_sums(self) -> Tensor:
-        """Pass 1, per problem: [sum_ij w_bj d_bij, C_g sum_j w_bj] (float64, [B, 2]), as `drift._scale_sums`."""
+    def scale_sums(self, norm: Tensor | None = None) -> Tensor:
+        """Pass 1, per problem: [sum_ij w_bj d_bij, C_g sum_j w_bj] (float64, [B, 2]), as `drift._scale_sums`
+        (`norm`: the CUDA kernel writes the targets' squared norms there for passes 2 and 3)."""
         part = torch.empty(self.shape[0], 2, **self.f32)
-        self.launch(1, part, self.dummy, self.dummy, None)
+        self.launch(1, part, self.dummy, self.dummy, None, norm)
         return part.double()
 
     def square_sums(self, scale: Tensor, norm: Tensor | None = None) -> Tensor:
@@ -568,11 +573,11 @@ def fused_drift_loss(
                      num_stages=num_stages)
     norm = None
     if stats is None:
-        sums = kernel.scale_sums().sum(0)
+        norm = kernel.norm_buffer()
+        sums = kernel.scale_sums(norm).sum(0)
         if all_reduce is not None:
             sums = all_reduce(sums)
         scale = sums[0] / sums[1]
-        norm = kernel.norm_buffer()
         squares = kernel.square_sums(scale, norm).sum(0)
         if all_reduce is not None:
             squares = all_reduce(squares)
