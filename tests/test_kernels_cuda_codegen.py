@@ -129,3 +129,21 @@ def test_nvrtc_compiles_the_kernel_for_hopper_and_older_gpus():
         assert cubin[:4] == b"\x7fELF" and name.startswith("_ZN5drift12drift_kernelILi2E")
     with pytest.raises(RuntimeError, match="could not compile"):
         drift_cuda.nvrtc_cubin("not C++", "drift::nothing<1>", "sm_90", NVRTC)
+
+
+def test_kernel_arguments_are_packed_as_a_c_struct():
+    """The launcher hands cuLaunchKernel its parameters as one buffer: pointers and doubles at 8-byte offsets, C ints
+    at 4, padding where a C compiler puts it, as the kernel reads its parameter space."""
+    import struct
+
+    import torch
+
+    x, y = torch.zeros(3), torch.ones(2)
+    packed = drift_cuda.pack_arguments([x, 3, 1.5, y, 7, -2, 2.25])
+    assert len(packed) == 48  # 0 ptr, 8 int, (4 padding), 16 double, 24 ptr, 32 int, 36 int, 40 double
+    assert struct.unpack_from("=Q", packed, 0)[0] == x.data_ptr()
+    assert struct.unpack_from("=i", packed, 8)[0] == 3 and struct.unpack_from("=d", packed, 16)[0] == 1.5
+    assert struct.unpack_from("=Q", packed, 24)[0] == y.data_ptr()
+    assert struct.unpack_from("=ii", packed, 32) == (7, -2) and struct.unpack_from("=d", packed, 40)[0] == 2.25
+    with pytest.raises(TypeError, match="must be a tensor, an int or a float, got str"):
+        drift_cuda.pack_arguments([x, "3"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import warnings
 from pathlib import Path
 
@@ -87,10 +88,19 @@ def shapes_fit(gen: Tensor, pos: Tensor, neg: Tensor | None, num_temperatures: i
 def supports(gen: Tensor, pos: Tensor, neg: Tensor | None, num_temperatures: int) -> bool:
     """Whether the CUDA kernel takes these problems (else the Triton kernel does): they fit, on a GPU of compute
     capability 8.0 or later (mma.sync, ldmatrix, cp.async) where the kernel compiles."""
-    if not gen.is_cuda or torch.cuda.get_device_capability(gen.device) < (8, 0):
+    if not gen.is_cuda:
         return False
-    limit = torch.cuda.get_device_properties(gen.device).shared_memory_per_block_optin
-    return shapes_fit(gen, pos, neg, num_temperatures, limit) and available(gen.device.index or 0)
+    device = gen.device.index or 0
+    capability, limit = _device(device)
+    return capability >= (8, 0) and shapes_fit(gen, pos, neg, num_temperatures, limit) and available(device)
+
+
+@functools.cache
+def _device(index: int) -> tuple[tuple[int, int], int]:
+    """The device's compute capability and shared memory per block, asked once (each query costs host time at
+    every call otherwise)."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.shared_memory_per_block_optin
 
 
 @functools.cache
@@ -204,5 +214,49 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
             c_g, c_n, pos.shape[1], s, temps.numel(), params_stride, lambda_stride,
             float(sqrt_floor), float(self_mask), float(attraction), float(repulsion)]
     size = pass1_shared_bytes(c_n, s) if pass_ == 1 else shared_bytes(c_n, s, temps.numel(), load)
-    kernel(grid=(b, 1, 1), block=(THREADS, 1, 1), args=args, shared_mem=size,
-           stream=torch.cuda.current_stream(gen.device))
+    _launch_kernel(kernel.func, b, size, torch.cuda.current_stream(gen.device).cuda_stream, pack_arguments(args))
+
+
+def pack_arguments(args: list) -> bytes:
+    """The kernel's parameters as one buffer, laid out as C lays out a struct of them: a tensor is its data
+    pointer, an int a C int, a float a double, each at its natural alignment (struct's native mode)."""
+    fmt, values = ["@"], []
+    for a in args:
+        if isinstance(a, Tensor):
+            fmt.append("P")
+            values.append(a.data_ptr())
+        elif isinstance(a, int):
+            fmt.append("i")
+            values.append(a)
+        elif isinstance(a, float):
+            fmt.append("d")
+            values.append(a)
+        else:
+            raise TypeError(f"a kernel argument must be a tensor, an int or a float, got {type(a).__name__}")
+    return struct.pack("".join(fmt), *values)
+
+
+@functools.cache
+def _driver():
+    """libcuda's cuLaunchKernel and cuGetErrorString, loaded once."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    launch = lib.cuLaunchKernel
+    launch.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    launch.restype = ctypes.c_int
+    return launch, lib.cuGetErrorString
+
+
+def _launch_kernel(func: ctypes.c_void_p, blocks: int, shared: int, stream: int, params: bytes) -> None:
+    """cuLaunchKernel with the parameters in one buffer (CU_LAUNCH_PARAM_BUFFER_POINTER), one block of THREADS
+    threads per problem. PyTorch's kernel object converts each of the 32 arguments through ctypes and loads libcuda
+    at every launch: ~0.2 ms of host time per launch on an H200's host, which the GPU waits for at a call's start."""
+    launch, error_string = _driver()
+    buffer = ctypes.create_string_buffer(params, len(params))
+    size = ctypes.c_size_t(len(params))
+    extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buffer), 2, ctypes.addressof(size), 0)  # pointer, size, end
+    code = launch(func, blocks, 1, 1, THREADS, 1, 1, shared, stream, None, extra)
+    if code != 0:
+        message = ctypes.c_char_p()
+        error_string(code, ctypes.byref(message))
+        raise RuntimeError(f"CUDA error {code} launching the drift kernel: "
+                           f"{message.value.decode() if message.value else 'unknown'}")
