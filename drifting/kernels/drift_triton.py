@@ -502,7 +502,7 @@ class _Kernel:
                               params, norm, c["dummy"], **c["options"], **per_problem)
             return
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
-                                        params, norm if norm is not None else self.dummy, *self.strides,
+                                        params, norm if norm is not None and pass_ != 1 else self.dummy, *self.strides,
                                         **per_problem, PASS=pass_,
                                         WRITE_GRAD=grad is not None, STORE_NORM=norm is not None and pass_ == 2,
                                         LOAD_NORM=norm is not None and pass_ == 3, **self.common)
