@@ -11,7 +11,11 @@
 // reads them from there (wgmma on Hopper, ldmatrix and mma.sync elsewhere); warp w owns generated rows
 // 16w..16w+15 against all T = 64 + BN + 64 targets.
 // (Tried: 8 warps per problem, two per row block splitting the targets, for twice the warps per SM: exact, but
-// slower, 10.2 against 8.9 ms in pass 2 on an H100: the pairs' exchanges cost more than the occupancy gained.)
+// slower, 10.2 against 8.9 ms in pass 2 on an H100: the pairs' exchanges cost more than the occupancy gained. And
+// two problems per block, one per warpgroup, with or without "ping-pong" barriers that hand the tensor cores from
+// one warpgroup's force to the other's: passes 2 and 3 12-23% slower on an H200, as a block's slot is free only when
+// both of its problems are done; the barriers took back 3-9% of pass 2. One block per SM instead of two: pass 2
+// 1.56x slower, so the second block's overlap is worth a third of the time.)
 //
 // Layout of a warp's [16, T] tile in registers: the accumulator of mma.m16n8k16, tile j holds columns 8j..8j+7;
 // element e of tile j of lane (g = lane / 4, t = lane % 4) is row g + 8 (e / 2), column 8j + 2t + (e % 2). Row
@@ -439,7 +443,9 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
   };
 #if DRIFT_WGMMA
   // (Tried: two chunks in flight in pass 2, chunk c + 1's products running while chunk c is finished: within the
-  // run-to-run noise on H100s, 6.1-6.4 against 6.3-6.4 ms.)
+  // run-to-run noise on H100s, 6.1-6.4 against 6.3-6.4 ms. Again on an H200 for the forces with nothing beside them
+  // only, pass 2's last temperature and pass 3, where the distances' registers are free: calls of 9.84-10.27 against
+  // 9.78-10.12 ms.)
 #pragma unroll
   for (int c = 0; c < NCH; ++c) {
     const u32 base = ys + c * T * 128;
