@@ -98,7 +98,7 @@ def load_build(spec: str, texts: dict[str, str] | None, scratch: Path, index: in
     module_spec = importlib.util.spec_from_file_location(f"drift_cuda_build{index}", folder / "drift_cuda.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    if not hasattr(module, "norm_floats"):  # builds before 2026-11-28: pass 1 takes no buffer, passes 2 and 3 R W floats
+    if not hasattr(module, "norm_floats"):  # builds before the twenty-first sitting: R W floats, none for pass 1
         module.norm_floats = lambda c_n, r: r * module.norm_width(c_n)
     return module
 

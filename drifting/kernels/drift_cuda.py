@@ -238,8 +238,10 @@ def pack_arguments(args: list) -> bytes:
 
 @functools.cache
 def _driver():
-    """libcuda's cuLaunchKernel and cuGetErrorString, loaded once."""
-    lib = ctypes.CDLL("libcuda.so.1")
+    """libcuda's cuLaunchKernel and cuGetErrorString, loaded once (the library PyTorch's NVRTC modules load)."""
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    lib = _get_gpu_runtime_library()
     launch = lib.cuLaunchKernel
     launch.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     launch.restype = ctypes.c_int
