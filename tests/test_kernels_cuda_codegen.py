@@ -131,19 +131,30 @@ def test_nvrtc_compiles_the_kernel_for_hopper_and_older_gpus():
         drift_cuda.nvrtc_cubin("not C++", "drift::nothing<1>", "sm_90", NVRTC)
 
 
-def test_kernel_arguments_are_packed_as_a_c_struct():
+def test_kernel_parameters_follow_the_kernels_c_signature():
+    """The launcher's parameter layout names drift_kernel's parameters in the order of drift_cuda.cu: a pointer for
+    each `T*`, a C int for each `int`, a double for each `double`."""
+    source = drift_cuda.SOURCE.read_text()
+    signature = source[source.index("drift_kernel(") + len("drift_kernel("):]
+    signature = signature[:signature.index(")")]
+    kinds = "".join("P" if "*" in p else {"int": "i", "double": "d"}[p.split()[0]]
+                    for p in (part.strip() for part in signature.split(",")))
+    assert len(kinds) == 32 and kinds == drift_cuda.KERNEL_SIGNATURE
+
+
+def test_kernel_parameters_are_packed_as_a_c_struct():
     """The launcher hands cuLaunchKernel its parameters as one buffer: pointers and doubles at 8-byte offsets, C ints
-    at 4, padding where a C compiler puts it, as the kernel reads its parameter space."""
+    at 4, padding where a C compiler puts it, as the kernel reads its parameter space (offsets worked out by hand from
+    drift_kernel's signature: 3 pointers, 6 ints, 3 pointers, 3 ints, 4 bytes of padding, 6 pointers, 7 ints, 4 bytes
+    of padding, 4 doubles)."""
     import struct
 
-    import torch
-
-    x, y = torch.zeros(3), torch.ones(2)
-    packed = drift_cuda.pack_arguments([x, 3, 1.5, y, 7, -2, 2.25])
-    assert len(packed) == 48  # 0 ptr, 8 int, (4 padding), 16 double, 24 ptr, 32 int, 36 int, 40 double
-    assert struct.unpack_from("=Q", packed, 0)[0] == x.data_ptr()
-    assert struct.unpack_from("=i", packed, 8)[0] == 3 and struct.unpack_from("=d", packed, 16)[0] == 1.5
-    assert struct.unpack_from("=Q", packed, 24)[0] == y.data_ptr()
-    assert struct.unpack_from("=ii", packed, 32) == (7, -2) and struct.unpack_from("=d", packed, 40)[0] == 2.25
-    with pytest.raises(TypeError, match="must be a tensor, an int or a float, got str"):
-        drift_cuda.pack_arguments([x, "3"])
+    values = [1001, 1002, 1003, 1, 2, 3, 4, 5, 6, 1004, 1005, 1006, 7, 8, 9, 1007, 1008, 1009, 1010, 1011, 1012,
+              10, 11, 12, 13, 14, 15, 16, 0.5, 1.5, 2.5, 3.5]
+    packed = drift_cuda.PARAMETERS.pack(*values)
+    assert len(packed) == 200
+    assert struct.unpack_from("=3Q6i3Q3i", packed, 0) == tuple(values[:15])
+    assert struct.unpack_from("=6Q7i", packed, 88) == tuple(values[15:28])
+    assert struct.unpack_from("=4d", packed, 168) == tuple(values[28:])
+    with pytest.raises(struct.error):  # a stride beyond a C int cannot be passed
+        drift_cuda.PARAMETERS.pack(*values[:3], 2**31, *values[4:])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -198,42 +199,36 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
     """Pass 1, 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
     weights: (gen, neg, pos) float32 [B, C] or None. norm: [B, norm_floats] float32 shared by the passes of one
     call, in order: pass 1 writes the targets' squared norms there, pass 2 reads them and writes its normalisers,
-    pass 3 reads both (or None for each pass: it computes them itself)."""
+    pass 3 reads both (or None for each pass: it computes them itself). The kernel reads the tensors through their
+    pointers, so they need no detaching (gen may require grad)."""
     b, c_g, s = gen.shape
     c_n = 0 if neg is None else neg.shape[1]
-    bn = NEGATIVES if c_n else 0
     chunks = -(-s // CHUNK)
     store, load = norm is not None and pass_ in (1, 2), norm is not None and pass_ == 3
-    device = gen.device.index or 0
-    kernel = _compiled(pass_, NORMALIZE_CODE[normalize] if pass_ != 1 else 0, bn, chunks, store, load,
-                       grad is not None, device)
+    device = gen.get_device()
+    kernel = _compiled(pass_, NORMALIZE_CODE[normalize] if pass_ != 1 else 0, NEGATIVES if c_n else 0, chunks, store,
+                       load, grad is not None, device)
     neg_t = neg if c_n else gen
-    args = [gen, neg_t, pos, gen.stride(0), gen.stride(1), neg_t.stride(0), neg_t.stride(1), pos.stride(0),
-            pos.stride(1), *(w if w is not None else dummy for w in weights), *(int(w is not None) for w in weights),
-            temps, inv_lambda, out, grad if grad is not None else dummy, params, norm if norm is not None else dummy,
-            c_g, c_n, pos.shape[1], s, temps.numel(), params_stride, lambda_stride,
-            float(sqrt_floor), float(self_mask), float(attraction), float(repulsion)]
+    unused = dummy.data_ptr()
+    wg, wn, wp = (unused if w is None else w.data_ptr() for w in weights)
+    has_wg, has_wn, has_wp = (int(w is not None) for w in weights)
     size = pass1_shared_bytes(c_n, s) if pass_ == 1 else shared_bytes(c_n, s, temps.numel(), load)
-    _launch_kernel(kernel.func, b, size, torch.cuda.current_stream(gen.device).cuda_stream, pack_arguments(args))
+    buffer = _LAUNCH_BUFFER
+    # in the order of drift_kernel's parameters (PARAMETERS)
+    PARAMETERS.pack_into(
+        buffer.params, 0, gen.data_ptr(), neg_t.data_ptr(), pos.data_ptr(), *gen.stride()[:2], *neg_t.stride()[:2],
+        *pos.stride()[:2], wg, wn, wp, has_wg, has_wn, has_wp, temps.data_ptr(), inv_lambda.data_ptr(),
+        out.data_ptr(), unused if grad is None else grad.data_ptr(), params.data_ptr(),
+        unused if norm is None else norm.data_ptr(), c_g, c_n, pos.shape[1], s, temps.numel(), params_stride,
+        lambda_stride, float(sqrt_floor), float(self_mask), float(attraction), float(repulsion))
+    _launch_kernel(kernel.func, b, size, torch._C._cuda_getCurrentRawStream(device), buffer)
 
 
-def pack_arguments(args: list) -> bytes:
-    """The kernel's parameters as one buffer, laid out as C lays out a struct of them: a tensor is its data
-    pointer, an int a C int, a float a double, each at its natural alignment (struct's native mode)."""
-    fmt, values = ["@"], []
-    for a in args:
-        if isinstance(a, Tensor):
-            fmt.append("P")
-            values.append(a.data_ptr())
-        elif isinstance(a, int):
-            fmt.append("i")
-            values.append(a)
-        elif isinstance(a, float):
-            fmt.append("d")
-            values.append(a)
-        else:
-            raise TypeError(f"a kernel argument must be a tensor, an int or a float, got {type(a).__name__}")
-    return struct.pack("".join(fmt), *values)
+# drift_kernel's parameters as C lays them out in its parameter space, in the order of its signature: P a pointer,
+# i an int, d a double, each at its natural alignment (struct's native mode); a test reads the signature from
+# drift_cuda.cu and checks this
+KERNEL_SIGNATURE = "PPP" "iiiiii" "PPP" "iii" "PPPPPP" "iiiiiii" "dddd"
+PARAMETERS = struct.Struct("@" + KERNEL_SIGNATURE)
 
 
 @functools.cache
@@ -248,15 +243,26 @@ def _driver():
     return launch, lib.cuGetErrorString
 
 
-def _launch_kernel(func: ctypes.c_void_p, blocks: int, shared: int, stream: int, params: bytes) -> None:
-    """cuLaunchKernel with the parameters in one buffer (CU_LAUNCH_PARAM_BUFFER_POINTER), one block of THREADS
-    threads per problem. PyTorch's kernel object converts each of the 32 arguments through ctypes and loads libcuda
-    at every launch: ~0.2 ms of host time per launch on an H200's host, which the GPU waits for at a call's start."""
+class _LaunchBuffer(threading.local):
+    """One thread's parameter buffer for cuLaunchKernel (CU_LAUNCH_PARAM_BUFFER_POINTER): the driver copies the
+    parameters during the call, so the buffer is reused by the thread's next launch instead of built anew."""
+
+    def __init__(self):
+        self.params = ctypes.create_string_buffer(PARAMETERS.size)
+        self.size = ctypes.c_size_t(PARAMETERS.size)
+        # pointer, size, end (CU_LAUNCH_PARAM_BUFFER_POINTER = 1, CU_LAUNCH_PARAM_BUFFER_SIZE = 2, CU_LAUNCH_PARAM_END)
+        self.extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(self.params), 2, ctypes.addressof(self.size), 0)
+
+
+_LAUNCH_BUFFER = _LaunchBuffer()  # one object, its buffers per thread
+
+
+def _launch_kernel(func: ctypes.c_void_p, blocks: int, shared: int, stream: int, buffer: _LaunchBuffer) -> None:
+    """cuLaunchKernel with the parameters packed in `buffer`, one block of THREADS threads per problem. PyTorch's
+    kernel object converts each of the 32 arguments through ctypes and loads libcuda at every launch: ~0.2 ms of host
+    time per launch on an H200's host, which the GPU waits for at a call's start."""
     launch, error_string = _driver()
-    buffer = ctypes.create_string_buffer(params, len(params))
-    size = ctypes.c_size_t(len(params))
-    extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buffer), 2, ctypes.addressof(size), 0)  # pointer, size, end
-    code = launch(func, blocks, 1, 1, THREADS, 1, 1, shared, stream, None, extra)
+    code = launch(func, blocks, 1, 1, THREADS, 1, 1, shared, stream, None, buffer.extra)
     if code != 0:
         message = ctypes.c_char_p()
         error_string(code, ctypes.byref(message))

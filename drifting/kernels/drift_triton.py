@@ -447,20 +447,31 @@ class _Kernel:
         c_p = pos.shape[1]
         c_n = 0 if neg is None else neg.shape[1]
         has_neg = c_n > 0
+        device = gen.device
+        self.shape, self.num_temperatures, self.device, self.c_n = (b, c_g, s), len(temperatures), device, c_n
+        self.normalize_code = NORMALIZE_CODE[normalize]
+        self.f32 = dict(dtype=torch.float32, device=device)
+        weights = [None if w is None else _detached(w).float().contiguous()
+                   for w in (gen_weight, neg_weight, pos_weight)]
+        if not has_neg:
+            weights[1] = None
+        self.dummy = _dummy(device)
+        temps = _temperatures(tuple(temperatures), device)
+        self.cuda = None  # the CUDA C++ kernel's inputs, where VARIANT["cuda"] is on and the problems fit it
+        if VARIANT["cuda"] and not _INTERPRET and drift_cuda.supports(gen, pos, neg, len(temperatures)):
+            # bf16 inputs as they are (the kernel reads them through pointers), and nothing of the Triton kernel's
+            # set-up: this is host time before pass 1 starts
+            self.cuda = dict(gen=gen, pos=pos, neg=neg if has_neg else None, weights=tuple(weights), temps=temps,
+                             dummy=self.dummy,
+                             options=dict(normalize=normalize, sqrt_floor=math.sqrt(affinity_floor),
+                                          self_mask=self_mask, attraction=attraction, repulsion=repulsion))
+            return
         # bf16 inputs run on bf16 tensor cores; anything else (fp32, fp16, mixed) is computed in full fp32
         ieee = not all(t.dtype == torch.bfloat16 for t in (gen, pos, neg) if t is not None)
         dtype = torch.float32 if ieee else torch.bfloat16
         x = _detached(gen).to(dtype)
         pos = _detached(pos).to(dtype)
         neg = _detached(neg).to(dtype) if has_neg else None
-        self.shape, self.num_temperatures, self.device = (b, c_g, s), len(temperatures), gen.device
-        self.f32 = dict(dtype=torch.float32, device=gen.device)
-        weights = [None if w is None else _detached(w).float().contiguous()
-                   for w in (gen_weight, neg_weight, pos_weight)]
-        if not has_neg:
-            weights[1] = None
-        self.dummy = _dummy(gen.device)
-        temps = _temperatures(tuple(temperatures), gen.device)
         block_g, block_n, block_p = _next_pow2(c_g), _next_pow2(max(c_n, 1)), _next_pow2(c_p)
         large = max(block_g, block_p) > 64
         # measured on an H200 at the ablation sizes (benchmarks/tune_drift_kernel.py, docs/benchmarks.md): 64-wide
@@ -475,7 +486,7 @@ class _Kernel:
         self.common = dict(
             CG=c_g, CN=c_n, CP=c_p, S=s, sqrt_floor=math.sqrt(affinity_floor), self_mask=float(self_mask),
             attraction=float(attraction), repulsion=float(repulsion), R=len(temperatures),
-            NORMALIZE=NORMALIZE_CODE[normalize], HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
+            NORMALIZE=self.normalize_code, HAS_NEG=has_neg, HAS_WG=weights[0] is not None,
             HAS_WN=weights[1] is not None, HAS_WP=weights[2] is not None, BG=block_g, BN=block_n, BP=block_p, BS=bs,
             IEEE=ieee, UPCAST=_INTERPRET, F32DOT=VARIANT["fp32_dot"], num_warps=warps, num_stages=stages,
             UNROLL_R=unroll_r, SPLIT2=VARIANT["split2"],
@@ -484,11 +495,6 @@ class _Kernel:
             self.common["maxnreg"] = VARIANT["maxnreg"]
         self.pointers = (x, neg_t, pos, *(w if w is not None else self.dummy for w in weights), temps)
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
-        self.cuda = None  # the CUDA C++ kernel's inputs, where VARIANT["cuda"] is on and the problems fit it
-        if VARIANT["cuda"] and not _INTERPRET and drift_cuda.supports(x, pos, neg, len(temperatures)):
-            self.cuda = dict(gen=x, pos=pos, neg=neg, weights=tuple(weights), temps=temps, dummy=self.dummy,
-                             options=dict(normalize=normalize, sqrt_floor=math.sqrt(affinity_floor),
-                                          self_mask=self_mask, attraction=attraction, repulsion=repulsion))
 
     def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None,
                norm: Tensor | None = None) -> None:
@@ -511,11 +517,11 @@ class _Kernel:
         """The buffer that a call's passes share, or None: for the Triton kernel [B, R, 2 BG + BN + BP] float32,
         the softmax normalisers (u, then v of each block); for the CUDA kernel also the targets' squared norms from
         pass 1 ([B, drift_cuda.norm_floats])."""
-        if not VARIANT["share_norm"] or self.common["NORMALIZE"] == NORMALIZE_CODE["none"]:
+        if not VARIANT["share_norm"] or self.normalize_code == NORMALIZE_CODE["none"]:
             return None
-        c = self.common
         if self.cuda is not None:
-            return torch.empty(self.shape[0], drift_cuda.norm_floats(c["CN"], c["R"]), **self.f32)
+            return torch.empty(self.shape[0], drift_cuda.norm_floats(self.c_n, self.num_temperatures), **self.f32)
+        c = self.common
         return torch.empty(self.shape[0], c["R"], 2 * c["BG"] + c["BN"] + c["BP"], **self.f32)
 
     def params(self, scale: Tensor) -> Tensor:
