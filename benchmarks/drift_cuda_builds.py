@@ -16,7 +16,8 @@ the builds' differences: on an H100 it is a few percent.
     python benchmarks/drift_cuda_builds.py git:HEAD~1 current
     python benchmarks/drift_cuda_builds.py git:3f2a1c0 path/to/build current --rounds 2 --out builds.json
 
-A build must take today's launch arguments (`drift_cuda.launch`); those since 2026-11-28 do. Pass 1 is timed
+A build must take today's launch arguments (`drift_cuda.launch`); those since 2026-11-28 do, and those before the
+gradient's factor (`grad_factor`, twenty-second sitting) are given a launch that takes it at 1. Pass 1 is timed
 only for builds that run it (`pass1_shared_bytes`). Every pass gets the buffer that a call's passes share, pass 1
 included (where it writes the targets' squared norms, since the twenty-first sitting); earlier builds get its old
 size (`norm_floats` is added to them).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import subprocess
 import sys
@@ -100,7 +102,19 @@ def load_build(spec: str, texts: dict[str, str] | None, scratch: Path, index: in
     module_spec.loader.exec_module(module)
     if not hasattr(module, "norm_floats"):  # builds before the twenty-first sitting: R W floats, none for pass 1
         module.norm_floats = lambda c_n, r: r * module.norm_width(c_n)
+    if "grad_factor" not in inspect.signature(module.launch).parameters:  # before the twenty-second sitting
+        module.launch = _without_grad_factor(module.launch)
     return module
+
+
+def _without_grad_factor(launch):
+    """A build's launch from before the gradient's factor (drift_loss(reduction=...)): the library passes it, and the
+    build can only write the gradient of the [B] losses, factor 1."""
+    def adapted(*args, grad_factor: float = 1.0, **kwargs):
+        if grad_factor != 1.0:
+            raise ValueError(f"this build writes the gradient of the [B] losses only (factor 1), not {grad_factor}")
+        return launch(*args, **kwargs)
+    return adapted
 
 
 def main(argv: list[str] | None = None) -> dict:

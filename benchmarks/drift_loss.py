@@ -7,6 +7,7 @@ included), the floor max(FLOPs / 400 TFLOP/s, bytes / 3 TB/s) with FLOPs = (1 + 
 problem and bytes = inputs read once + gradient written once, and the ratio to the floor.
 
     python benchmarks/drift_loss.py --out results.json                 # on a CUDA machine
+    python benchmarks/drift_loss.py --reduction mean --out results.json   # drift_loss(reduction="mean") instead
     python benchmarks/drift_loss.py --impls reference --keys 4x4 --device cpu --repeat 1   # a smoke test
 
 As a chunked training step calls it: `--keys none --all-keys --training-dtypes --classes 4` (the 86 keys of one
@@ -33,6 +34,7 @@ from drifting.drift import drift_loss, drift_stats, field_square_sums, scale_sum
 from drifting.kernels import kernel_variant
 
 N_C, C_G, C_N, C_P = 64, 64, 16, 64
+REDUCTION = "none"  # --reduction
 TEMPERATURES = (0.02, 0.05, 0.2)
 PEAK_FLOPS, PEAK_BYTES = 400e12, 3e12
 
@@ -88,13 +90,15 @@ def floor_ms(locations: int, s: int, itemsize: int = 2) -> float:
 
 
 def loss_step(impl: str, gen, pos, neg, w, stats=None):
+    """Forward and backward of the mean over the call's problems: the [B] losses then `.mean()` (REDUCTION "none"),
+    or `drift_loss(reduction="mean")`, whose gradient the fused kernel writes for the mean in the forward pass."""
     gen.grad = None
     if impl == "compiled":
         loss, _ = _compiled(gen, pos, neg, w)
     else:
         loss, _ = drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl=impl, check_finite=False,
-                             stats=stats)
-    loss.mean().backward()
+                             stats=stats, reduction=REDUCTION)
+    (loss.mean() if REDUCTION == "none" else loss).backward()
 
 
 @torch.no_grad()
@@ -112,14 +116,16 @@ def given_stats(gen, pos, neg, w):
 
 
 def _reference(gen, pos, neg, w):
-    return drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl="reference", check_finite=False)
+    return drift_loss(gen, pos, neg, neg_weight=w, temperatures=TEMPERATURES, impl="reference", check_finite=False,
+                      reduction=REDUCTION)
 
 
 _compiled = None
 
 
-def time_impl(impl: str, inputs, device: str, repeat: int, step=loss_step) -> tuple[float, float]:
-    """Median milliseconds and peak GiB of step(impl, *inputs) (default: the loss's forward + backward)."""
+def time_impl(impl: str, inputs, device: str, repeat: int, step=loss_step, idle_ms: float = 0.0) -> tuple[float, float]:
+    """Median milliseconds and peak GiB of step(impl, *inputs) (default: the loss's forward + backward); idle_ms:
+    the device idles that long before each timed call (see --idle-ms)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     step(impl, *inputs)  # warm-up (compilation, autotuning)
     sync()
@@ -128,6 +134,8 @@ def time_impl(impl: str, inputs, device: str, repeat: int, step=loss_step) -> tu
     times = []
     for _ in range(repeat):
         sync()
+        if idle_ms:
+            time.sleep(idle_ms / 1e3)
         t0 = time.perf_counter()
         step(impl, *inputs)
         sync()
@@ -137,7 +145,7 @@ def time_impl(impl: str, inputs, device: str, repeat: int, step=loss_step) -> tu
 
 
 def main() -> None:
-    global _compiled, N_C
+    global _compiled, N_C, REDUCTION
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="reference,fused", help="comma list of reference, fused, compiled")
     parser.add_argument("--keys", default=",".join(KEYS), help="comma list of " + ", ".join(KEYS) + " (or none)")
@@ -152,6 +160,12 @@ def main() -> None:
                         help="86-key set: pass each call its statistics (untimed), as a class-chunked step does")
     parser.add_argument("--stats-pass", action="store_true",
                         help="86-key set: time each key's statistics math (scale_sums, field_square_sums) instead")
+    parser.add_argument("--reduction", choices=("none", "mean"), default="none",
+                        help="none: the [B] losses, then .mean() (the backward scales the gradient per problem); "
+                             "mean: drift_loss(reduction='mean'), the gradient written for the mean in the forward")
+    parser.add_argument("--idle-ms", type=float, default=0.0,
+                        help="let the GPU idle this long before each timed call: back-to-back calls of the large keys "
+                             "reach an H200's power cap, which lowers its clocks (benchmarks/power_draw.py)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", help="write the results as JSON here")
@@ -163,7 +177,9 @@ def main() -> None:
         parser.error(f"--keys: expected names from {', '.join(KEYS)} or none, got {', '.join(unknown)}")
     if args.classes < 1:
         parser.error(f"--classes: expected >= 1, got {args.classes}")
-    N_C = args.classes
+    if not args.idle_ms >= 0:
+        parser.error(f"--idle-ms: expected a number >= 0, got {args.idle_ms}")
+    N_C, REDUCTION = args.classes, args.reduction
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if (args.given_stats or args.stats_pass) and not args.all_keys:
         parser.error("--given-stats, --stats-pass: they time the 86-key set, expected --all-keys with them")
@@ -174,7 +190,7 @@ def main() -> None:
             parser.error("--given-stats: not with the compiled impl (it computes its own statistics)")
         _compiled = torch.compile(_reference)
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"drifting loss, forward + backward, {args.dtype} inputs, {N_C} classes, {card}"
+    print(f"drifting loss, forward + backward, {args.dtype} inputs, {N_C} classes, reduction {REDUCTION}, {card}"
           + (f", kernel variant {args.kernel_variant}" if args.kernel_variant else ""))
     rows = []
     header = f"{'key':<10} {'problems':>8} {'S':>5} {'in GiB':>7} {'floor ms':>8} " + " ".join(
@@ -187,7 +203,7 @@ def main() -> None:
         row = {"key": key, "problems": N_C * locations, "S": s, "input_gib": in_gib,
                "floor_ms": floor_ms(locations, s, dtype.itemsize)}
         for impl in impls:
-            ms, gib = time_impl(impl, inputs, args.device, args.repeat)
+            ms, gib = time_impl(impl, inputs, args.device, args.repeat, idle_ms=args.idle_ms)
             row[impl] = {"ms": ms, "peak_gib": gib, "x_floor": ms / row["floor_ms"]}
         rows.append(row)
         print(f"{key:<10} {row['problems']:>8} {s:>5} {in_gib:>7.2f} {row['floor_ms']:>8.2f} " + " ".join(
@@ -210,7 +226,8 @@ def main() -> None:
                 inputs = make_inputs(locations, s, args.device, dtype=dtypes[name])
                 if args.given_stats:
                     inputs = (*inputs, given_stats(*inputs))
-                per_key[name], gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2), step)
+                per_key[name], gib = time_impl(impl, inputs, args.device, max(1, args.repeat // 2), step,
+                                               idle_ms=args.idle_ms)
                 peak = max(peak, gib)
                 del inputs
             total_ms = sum(per_key.values())
@@ -223,7 +240,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "classes": N_C, "dtype": args.dtype,
-                       "kernel_variant": args.kernel_variant, "rows": rows}, f, indent=2)
+                       "reduction": REDUCTION, "idle_ms": args.idle_ms, "kernel_variant": args.kernel_variant,
+                       "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The fused drifting loss's backward pass on the 32x32 key: the gradient, written by pass 3 in the forward, scaled
-per problem by the loss's incoming gradient (`drift_triton.scale_problems_`, in place; CUDA only).
+per problem by the loss's incoming gradient (`drift_triton.scale_problems_`, in place; CUDA only), or for a reduced
+loss by one scalar, skipped where it is 1 (`drift_triton.scale_all_`).
 
 It reads and writes the whole bf16 gradient once, so its floor is the card's memory bandwidth: the script times it
 next to a plain device copy of the same bytes (`copy_`, read + write), and with --sweep the same kernel at other
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {"library kernel (scale_problems_)": median_ms(lambda: drift_triton.scale_problems_(grad, scale),
                                                            args.repeat),
             "copy_ to another buffer (bandwidth reference)": median_ms(lambda: copy.copy_(grad), args.repeat)}
+    # a reduced loss's backward (drift_loss(reduction="mean"/"sum")): the whole gradient by one scalar, and nothing
+    # at all where it is exactly 1
+    for value in (1.0, 0.5):
+        one = torch.tensor(value, device="cuda")
+        rows[f"reduced loss's kernel (scale_all_), scalar {value}"] = median_ms(
+            lambda: drift_triton.scale_all_(grad, one), args.repeat)
     if args.sweep:
         triton, evict_first, flat = sweep_kernels()
         for block in (2048, 4096, 8192, 16384):

@@ -35,6 +35,7 @@ from torch import Tensor
 
 Normalize = Literal["xy", "y", "none"]
 NORMALIZE_CHOICES = ("xy", "y", "none")
+REDUCTIONS = ("none", "mean", "sum")  # drift_loss(reduction=...), as in torch.nn losses
 
 # Algorithm 2 masks a sample as its own negative by adding a large constant to its raw distance.
 PAPER_SELF_MASK = 1e6
@@ -372,6 +373,7 @@ def drift_loss(
     check_finite: bool = True,
     impl: Literal["auto", "reference", "fused"] = "auto",
     groups: Sequence[int] | None = None,
+    reduction: Literal["none", "mean", "sum"] = "none",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The drifting loss of the authors' code for one feature key: B independent problems sharing global statistics.
 
@@ -398,6 +400,10 @@ def drift_loss(
             counts, each at its own key's statistics: `stats` is then required, with scale [K] and drift_ms [K, R]
             (stacked `DriftStats`). The losses equal K separate calls; one call instead of K (few-problem keys
             leave the GPU nearly empty alone).
+        reduction: "none" (the [B] losses), "mean" or "sum" over the B problems (a scalar). The fused kernel writes
+            the gradient during the forward pass; for "mean" and "sum" it writes it for that reduction, so that
+            `loss.backward()` reads and writes nothing more, where "none" followed by `.mean()` must scale the
+            [B, C_g, S] gradient once more in the backward.
 
     Algorithm (official-code-notes.md 1.2): distances d on raw features; scale = sum w d / (C_g sum w) over the
     call; coordinates divided by s_in = max(scale / sqrt(S), 1e-3); normalised distances d / max(scale, 1e-3) with
@@ -405,11 +411,14 @@ def drift_loss(
     with lambda_tau = RMS of F_tau over the call; loss_b = mean over (i, s) of (gen/s_in - goal)^2, goal frozen.
 
     Returns:
-        loss: [B], one value per problem (the caller averages over problems, then sums over keys).
+        loss: [B], one value per problem (the caller averages over problems, then sums over keys), or their mean or
+            sum (`reduction`).
         info: {"scale": scalar, "drift_ms": [R]} (float64) -- drift_ms shows progress; the loss value itself stays
             between ~R and ~R^2 by construction.
     """
     temperatures = tuple(temperatures)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     _check_loss_inputs(gen, pos, neg, gen_weight, pos_weight, neg_weight, temperatures, normalize, affinity_floor,
                        self_mask, attraction, repulsion, chunk_size, check_finite)
     stats_shape = (len(temperatures),) if groups is None else (len(groups), len(temperatures))
@@ -429,7 +438,7 @@ def drift_loss(
         losses, info = kernels.fused_drift_loss(
             gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
             neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
-            attraction=attraction, repulsion=repulsion, all_reduce=all_reduce, stats=stats,
+            attraction=attraction, repulsion=repulsion, all_reduce=all_reduce, stats=stats, reduction=reduction,
         )
         return losses, info if groups is None else {"scale": key_stats.scale, "drift_ms": key_stats.drift_ms}
     options = (temperatures, normalize, affinity_floor, self_mask, attraction, repulsion)
@@ -456,7 +465,10 @@ def drift_loss(
             goal = p.x / s_in + sum(f / r for f, r in zip(forces, rms_b))
         losses.append((gen[sl].to(dtype) / s_in - goal).square().mean(dim=(1, 2)))
     out = stats if groups is None else key_stats  # the keys' statistics, [K] and [K, R], not the per-problem copies
-    return torch.cat(losses), {"scale": out.scale, "drift_ms": out.drift_ms}
+    loss = torch.cat(losses)
+    if reduction != "none":
+        loss = loss.mean() if reduction == "mean" else loss.sum()
+    return loss, {"scale": out.scale, "drift_ms": out.drift_ms}
 
 
 def _fused(impl: str, gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:

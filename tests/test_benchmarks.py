@@ -1,6 +1,7 @@
 """The benchmarks' measurement helpers (benchmarks/train_step.py) and CPU smoke runs, on CPU."""
 
 import importlib.util
+import inspect
 import json
 import shutil
 import sys
@@ -106,6 +107,22 @@ def test_compile_mode_without_anything_to_compile_is_refused_before_any_work(mon
         assert "--compile-mode: expected --compile" in message, name
 
 
+def test_cuda_builds_benchmark_runs_older_builds_at_gradient_factor_one(tmp_path):
+    """A build from before drift_loss(reduction=...) has no grad_factor in its launch: the tool passes the library's
+    factor 1 on and refuses any other (that build cannot write a reduced loss's gradient); today's build takes it."""
+    bench = _load("drift_cuda_builds")
+    old = {"drift_cuda.py": "CALLS = []\ndef norm_width(c_n):\n    return 8\n"
+                            "def launch(pass_, *args, normalize='xy'):\n    CALLS.append((pass_, args, normalize))\n",
+           "drift_cuda.cu": ""}
+    module = bench.load_build("old", old, tmp_path, 0)
+    module.launch(3, "x", normalize="y", grad_factor=1.0)
+    assert module.CALLS == [(3, ("x",), "y")] and module.norm_floats(16, 3) == 24
+    with pytest.raises(ValueError, match="factor 1"):
+        module.launch(3, "x", grad_factor=0.5)
+    today = bench.load_build("today", bench.build_files(str(ROOT / "drifting" / "kernels")), tmp_path, 1)
+    assert "grad_factor" in inspect.signature(today.launch).parameters
+
+
 def test_cuda_builds_benchmark_finds_every_build_before_any_work(tmp_path, monkeypatch, capsys):
     """Each build is a directory with drift_cuda.{py,cu}, git:REV or "current"; a wrong one is named, before the
     benchmark asks for a GPU."""
@@ -175,6 +192,50 @@ def test_scaling_benchmark_checks_its_arguments_before_asking_for_a_gpu(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_power_draw_summarises_clocks_and_throttling_of_the_busy_samples(tmp_path, monkeypatch, capsys):
+    """power_draw runs the command while nvidia-smi samples (here a stand-in that prints four samples: one idle, two
+    busy under the power cap, one busy at full clock, one it could not fill); the summary covers the busy ones."""
+    bench = _load("power_draw")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '1980, 80.5, 700.00, 40, 0x0000000000000001'\n"
+                    "echo '1470, 690.0, 700.00, 56, 0x0000000000000004'\necho '1830, 695.0, 700.00, 58, 0x0004'\n"
+                    "echo '1980, 400.0, 700.00, 50, 0x0000000000000000'\necho '[N/A], [N/A], 700.00, 50, 0x0'\n"
+                    "sleep 5\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: str(fake))
+    out = tmp_path / "samples.csv"
+    result = bench.main(["--out", str(out), "--", sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert result["samples"] == 4 and result["busy_samples"] == 3 and result["returncode"] == 0
+    assert result["clock_mhz_median"] == 1830 and result["clock_mhz_lowest"] == 1470
+    assert result["power_w_highest"] == 695.0 and result["limit_w"] == 700.0
+    assert result["throttled_share"]["sw_power_cap"] == pytest.approx(2 / 3)
+    assert result["throttled_share"]["hw_slowdown"] == 0
+    assert "sw_power_cap 67%" in capsys.readouterr().out and len(out.read_text().splitlines()) == 6
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    for argv, expected in [(["--"], "command: expected the command to run after --"),
+                           (["--interval-ms", "0", "--", "true"], "--interval-ms: expected a positive integer"),
+                           (["--", "true"], "needs nvidia-smi")]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_drift_loss_benchmark_idles_between_calls_when_asked(monkeypatch, capsys):
+    """--idle-ms sleeps that long before each timed call (none by default); a negative value is refused."""
+    bench = _load("drift_loss")
+    sleeps = []
+    monkeypatch.setattr(bench.time, "sleep", sleeps.append)
+    calls = []
+    bench.time_impl("reference", (), "cpu", 3, step=lambda impl: calls.append(impl), idle_ms=25)
+    assert sleeps == [0.025] * 3 and len(calls) == 4  # a warm-up, then three timed calls
+    bench.time_impl("reference", (), "cpu", 2, step=lambda impl: calls.append(impl))
+    assert sleeps == [0.025] * 3
+    monkeypatch.setattr(sys, "argv", ["drift_loss.py", "--idle-ms", "-1", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and "--idle-ms: expected a number >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_force_precision_study_builds_the_reference_field_and_orders_the_roundings(capsys):

@@ -175,6 +175,21 @@ def test_drift_loss_gradient_is_the_normalized_drift():
     assert (gen.grad.square().sum().item() * (s_in * c_g * s) ** 2 / 4) == pytest.approx(expected_sq, rel=1e-9)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_drift_loss_reduction_is_the_mean_or_sum_of_the_problems(reduction):
+    """reduction="mean"/"sum": the scalar and its gradient equal those of the [B] losses reduced afterwards."""
+    pos, neg, w = rand(5, 4, 6, seed=2), rand(5, 2, 6, seed=3), rand_weight(5, 2)
+    gens = [rand(5, 3, 6, seed=1).requires_grad_() for _ in range(2)]
+    losses, _ = drift_loss(gens[0], pos, neg, neg_weight=w)
+    expected = losses.mean() if reduction == "mean" else losses.sum()
+    (2.5 * expected).backward()
+    reduced, info = drift_loss(gens[1], pos, neg, neg_weight=w, reduction=reduction)
+    (2.5 * reduced).backward()
+    assert reduced.dim() == 0 and info["drift_ms"].shape == (3,)
+    torch.testing.assert_close(reduced, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gens[1].grad, gens[0].grad, rtol=1e-12, atol=0)
+
+
 def test_drift_loss_is_zero_when_positives_and_negatives_coincide():
     """With neg == pos and the generated columns weighted 0, attraction and repulsion cancel exactly."""
     gen = rand(3, 5, 4, seed=1).requires_grad_()
@@ -299,6 +314,7 @@ GOOD = dict(gen=torch.randn(2, 3, 4), pos=torch.randn(2, 5, 4), neg=torch.randn(
         (dict(affinity_floor=-1.0), "affinity_floor"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(neg=None, neg_weight=torch.ones(2, 2)), "neg_weight"),
+        (dict(reduction="average"), "reduction"),
     ],
 )
 def test_drift_loss_rejects_bad_input(change, match):

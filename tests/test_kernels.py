@@ -142,6 +142,51 @@ def test_backward_scales_each_problem_once_in_fp32(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_of_a_reduced_loss_scales_once_or_not_at_all(dtype):
+    """A reduced loss's backward multiplies the whole gradient by the upstream scalar (fp32 product, one rounding, as
+    the plain PyTorch one bit for bit), and leaves it as it is where that scalar is exactly 1."""
+    from drifting.kernels.drift_triton import scale_all_
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    grad = torch.randn(5, 3, 1001, generator=g, device="cuda").to(dtype)
+    for value in (0.3, -2.5, 1.0):
+        scale = torch.tensor(value, device="cuda")
+        expected = (grad.float() * value).to(dtype)
+        assert torch.equal(scale_all_(grad.clone(), scale), expected)
+        assert torch.equal(scale_all_(grad.cpu(), scale.cpu()), expected.cpu())  # the CPU path
+    assert torch.equal(scale_all_(grad.clone(), torch.tensor(1.0, device="cuda")), grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_reduced_loss_equals_the_reduced_losses(dtype, reduction, cuda_kernel):
+    """reduction="mean"/"sum" writes the gradient of the reduced loss in the forward pass: loss.backward() (upstream
+    gradient 1, the backward reads nothing) and 3 loss (scaled once) give the gradient of the [B] losses reduced
+    afterwards, on the CUDA kernel's shape (bf16; 64 problems, so 1 / B is exact and the two equal bit for bit) and
+    the Triton kernel's (fp32, against the reference)."""
+    gen, pos, neg, w = inputs((64, 64, 64, 16, 256), dtype, seed=8)
+    for weight in (1.0, 3.0):
+        grads, losses = [], []
+        for impl, reduce in (("fused", reduction), ("fused", "none"), ("reference", "none")):
+            leaf = gen.detach().clone().requires_grad_()
+            loss, _ = drift_loss(leaf, pos, neg, neg_weight=w, impl=impl, reduction=reduce)
+            if reduce == "none":
+                loss = loss.mean() if reduction == "mean" else loss.sum()
+            (loss if weight == 1.0 else weight * loss).backward()
+            grads.append(leaf.grad.float())
+            losses.append(loss.detach())
+        assert losses[0].dim() == 0
+        assert relative(losses[0], losses[2]) < 1e-4
+        if dtype == torch.bfloat16 and weight == 1.0:
+            assert torch.equal(grads[0], grads[1]) and torch.equal(losses[0], losses[1])
+        else:
+            assert relative(grads[0], grads[1]) < (1e-6 if dtype == torch.float32 else 8e-3)
+        if dtype == torch.float32:
+            assert relative(grads[0], grads[2]) < 1e-4
+    assert cuda_kernel == ([1, 2, 3] * 4 if dtype == torch.bfloat16 else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_gradient_of_a_weighted_sum_of_losses(dtype, cuda_kernel):
     """A per-problem weight on the loss (as the feature loss's keys give) reaches the gradient: fused against the
     reference for sum_b c_b loss_b, on the CUDA kernel's shape (bf16) and the Triton kernel's (fp32)."""

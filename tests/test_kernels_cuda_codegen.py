@@ -18,7 +18,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 
 ARGS = ("const u16*, const u16*, const u16*, int, int, int, int, int, int, const float*, const float*, const float*, "
         "int, int, int, const float*, const float*, float*, u16*, const float*, float*, int, int, int, int, int, int, "
-        "int, double, double, double, double")
+        "int, double, double, double, double, double")
 INSTANCES = {  # the ablation's 32x32 key: pass 1 alone and writing the targets' norms, pass 2 writing the
     # normalisers, pass 3 reading them, pass 3 alone
     "pass1": "1, 0, 16, 4, false, false, false",
@@ -139,22 +139,22 @@ def test_kernel_parameters_follow_the_kernels_c_signature():
     signature = signature[:signature.index(")")]
     kinds = "".join("P" if "*" in p else {"int": "i", "double": "d"}[p.split()[0]]
                     for p in (part.strip() for part in signature.split(",")))
-    assert len(kinds) == 32 and kinds == drift_cuda.KERNEL_SIGNATURE
+    assert len(kinds) == 33 and kinds == drift_cuda.KERNEL_SIGNATURE
 
 
 def test_kernel_parameters_are_packed_as_a_c_struct():
     """The launcher hands cuLaunchKernel its parameters as one buffer: pointers and doubles at 8-byte offsets, C ints
     at 4, padding where a C compiler puts it, as the kernel reads its parameter space (offsets worked out by hand from
     drift_kernel's signature: 3 pointers, 6 ints, 3 pointers, 3 ints, 4 bytes of padding, 6 pointers, 7 ints, 4 bytes
-    of padding, 4 doubles)."""
+    of padding, 5 doubles)."""
     import struct
 
     values = [1001, 1002, 1003, 1, 2, 3, 4, 5, 6, 1004, 1005, 1006, 7, 8, 9, 1007, 1008, 1009, 1010, 1011, 1012,
-              10, 11, 12, 13, 14, 15, 16, 0.5, 1.5, 2.5, 3.5]
+              10, 11, 12, 13, 14, 15, 16, 0.5, 1.5, 2.5, 3.5, 4.5]
     packed = drift_cuda.PARAMETERS.pack(*values)
-    assert len(packed) == 200
+    assert len(packed) == 208
     assert struct.unpack_from("=3Q6i3Q3i", packed, 0) == tuple(values[:15])
     assert struct.unpack_from("=6Q7i", packed, 88) == tuple(values[15:28])
-    assert struct.unpack_from("=4d", packed, 168) == tuple(values[28:])
+    assert struct.unpack_from("=5d", packed, 168) == tuple(values[28:])
     with pytest.raises(struct.error):  # a stride beyond a C int cannot be passed
         drift_cuda.PARAMETERS.pack(*values[:3], 2**31, *values[4:])

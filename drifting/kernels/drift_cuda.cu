@@ -367,13 +367,15 @@ __device__ __forceinline__ void softmax_sums(const float (&n)[4], int j, float k
 // ~16 bits instead of an exact fp32 product: the bf16 gradient's error at 1,024 problems is 3.1e-3 of its largest value
 // against 1.5e-3 on the Triton kernel, within the tests' bf16 tolerance). The fp32 coefficients are split into bf16
 // high and low parts (two products, ~16 mantissa bits), as in the Triton kernel. Returns this lane's sum of F^2 (pass
-// 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) written once (pass 3). `coef` is consumed.
+// 2), or of (F / s_in)^2 with the gradient -2 F / (s_in^2 C_g S) times grad_factor written once (pass 3). `coef` is
+// consumed.
 // between(step, steps) is the caller's independent work, run in `steps` parts: with wgmma one per chunk of S while its
 // products run; with mma.sync one per 16 targets of a chunk, for the compiler to interleave with the tensor-core
 // instructions.
 template <int NT, int NCH, bool PASS3, bool WRITE_GRAD, class Between>
 __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, int warp, int S, int CG, float s_in,
-                                       u16* __restrict__ grad, long long b, u16* stage, Between&& between) {
+                                       float grad_factor, u16* __restrict__ grad, long long b, u16* stage,
+                                       Between&& between) {
   constexpr int T = NT * 8, NK = NT / 2;
   const int g = lane >> 2, t = lane & 3;
   float rsum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // two partial sums per row: shorter dependency chains
@@ -412,7 +414,7 @@ __device__ __forceinline__ float force(float (&coef)[NT][4], u32 ys, int lane, i
       alo[kk][q] = pack_bf16(c0 - bf16_low(hi), c1 - bf16_high(hi));
     }
   // pass 3: the gradient -2 F / (s_in^2 C_g S) in one product, and sum F^2 scaled by 1 / s_in^2 once at the end
-  const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f * inv_s_in * inv_s_in / (CG * S);
+  const float inv_s_in = 1.0f / s_in, grad_scale = -2.0f * inv_s_in * inv_s_in / (CG * S) * grad_factor;
   float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   // chunk c of F done: its squares into total (one fused multiply-add each), and the gradient written once (pass 3)
   // through the warp's `stage` in shared memory, so that global memory takes whole 16-byte segments of rows: 4 stores
@@ -508,9 +510,10 @@ __device__ __forceinline__ float diagonal(const float (&d)[NJ][4], int warp, int
 
 // PASS 1: per problem [sum_ij w_j d_ij, C_g sum_j w_j] (the scale's sums; 3 blocks per SM: it needs only the
 // targets and a few floats of shared memory). PASS 2: per problem and temperature sum_is F_R^2 (F_R before the
-// division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient. NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with
-// negatives (C_n <= 16), 0 without. NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the
-// normalisers in log2 form, u_i and v_j + log2 w_j (the weight rides on v); LOAD_NORM (pass 3) reads them.
+// division by s_in, as the Triton kernel). PASS 3: loss_b and its gradient times grad_factor (1, or the factor of a
+// reduced loss: 1 / B for a mean). NORM: 0 "xy", 1 "y", 2 "none". BN: 16 with negatives (C_n <= 16), 0 without.
+// NCH: chunks of 64 columns of S (S <= 64 NCH). STORE_NORM (pass 2) writes the normalisers in log2 form, u_i and
+// v_j + log2 w_j (the weight rides on v); LOAD_NORM (pass 3) reads them.
 // The same buffer hands the squared norms of the targets other than the generated rows from pass 1 (STORE_NORM) to
 // passes 2 (STORE_NORM) and 3 (LOAD_NORM), which then skip their products (the generated rows' norms come free, the
 // diagonal of the distance product): a call's passes share one buffer, and pass 1 runs first. Per problem the buffer
@@ -528,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     const float* __restrict__ temps, const float* __restrict__ inv_lambda, float* __restrict__ out,
     u16* __restrict__ grad, const float* __restrict__ params, float* __restrict__ norm,
     int CG, int CN, int CP, int S, int R, int params_stride, int lambda_stride,
-    double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d) {
+    double sqrt_floor_d, double self_mask_d, double attraction_d, double repulsion_d, double grad_factor_d) {
   static_assert(PASS >= 1 && PASS <= 3, "passes 1-3");
   static_assert(Layout<BN>::T * 8 % kThreads == 0, "every lane takes part in the squared norms' shuffles");
   static_assert(Layout<BN>::TQ <= kThreads, "one thread per squared norm handed from pass 1");
@@ -794,6 +797,7 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
   }
 
   const float self_mask = (float)self_mask_d;
+  const float grad_factor = (float)grad_factor_d;  // the gradient's factor for a reduced loss (1 / B for a mean)
   const float attraction = (float)attraction_d, repulsion = (float)repulsion_d;
 
   // normalised distances n_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 1e-8)) / scale with the self-mask, in
@@ -962,10 +966,10 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
       float f_sq;
       if (SUMS && r + 1 < R) {
         const float k2n = k2s[r + 1];
-        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, S, CG, s_in, grad, b, nullptr,
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, S, CG, s_in, 1.0f, grad, b, nullptr,
                                             [&](int step, int steps) { sums(k2n, step, steps); });
       } else {
-        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, S, CG, s_in, grad, b, nullptr,
+        f_sq = force<NT, NCH, false, false>(work, ys, lane, warp, S, CG, s_in, 1.0f, grad, b, nullptr,
                                             [](int, int) {});
       }
       f_sq = warp_sum(f_sq);
@@ -981,8 +985,8 @@ __global__ void __launch_bounds__(kThreads, PASS == 1 ? 3 : 2) drift_kernel(
     // the column partials are free by now (with LOAD_NORM never used): the warps' gradient stages
     static_assert(16 * kStageRow * 2 * (kThreads / 32) <= 32 * PART * 4, "the stages fit in the column partials");
     u16* stage = reinterpret_cast<u16*>(part) + warp * 16 * kStageRow;
-    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, S, CG, s_in, grad, b, stage,
-                                                 [](int, int) {});
+    float loss = force<NT, NCH, true, WRITE_GRAD>(coef_total, ys, lane, warp, S, CG, s_in, grad_factor, grad, b,
+                                                 stage, [](int, int) {});
     loss = block_sum(loss, red);
     if (tid == 0) out[b] = loss / (float)(CG * S);
   }

@@ -195,12 +195,13 @@ def _allow_shared_memory(kernel, size: int) -> None:
 def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tuple, temps: Tensor,
            inv_lambda: Tensor, out: Tensor, grad: Tensor | None, params: Tensor, norm: Tensor | None,
            dummy: Tensor, *, normalize: str, sqrt_floor: float, self_mask: float, attraction: float,
-           repulsion: float, params_stride: int, lambda_stride: int) -> None:
+           repulsion: float, params_stride: int, lambda_stride: int, grad_factor: float = 1.0) -> None:
     """Pass 1, 2 or 3 over all problems, one block of 128 threads each; arguments as `drift_triton._Kernel.launch`.
     weights: (gen, neg, pos) float32 [B, C] or None. norm: [B, norm_floats] float32 shared by the passes of one
     call, in order: pass 1 writes the targets' squared norms there, pass 2 reads them and writes its normalisers,
-    pass 3 reads both (or None for each pass: it computes them itself). The kernel reads the tensors through their
-    pointers, so they need no detaching (gen may require grad)."""
+    pass 3 reads both (or None for each pass: it computes them itself). grad_factor: pass 3 writes the gradient times
+    this (the factor of a reduced loss: 1 / B for a mean). The kernel reads the tensors through their pointers, so
+    they need no detaching (gen may require grad)."""
     b, c_g, s = gen.shape
     c_n = 0 if neg is None else neg.shape[1]
     chunks = -(-s // CHUNK)
@@ -220,14 +221,14 @@ def launch(pass_: int, gen: Tensor, pos: Tensor, neg: Tensor | None, weights: tu
         *pos.stride()[:2], wg, wn, wp, has_wg, has_wn, has_wp, temps.data_ptr(), inv_lambda.data_ptr(),
         out.data_ptr(), unused if grad is None else grad.data_ptr(), params.data_ptr(),
         unused if norm is None else norm.data_ptr(), c_g, c_n, pos.shape[1], s, temps.numel(), params_stride,
-        lambda_stride, float(sqrt_floor), float(self_mask), float(attraction), float(repulsion))
+        lambda_stride, float(sqrt_floor), float(self_mask), float(attraction), float(repulsion), float(grad_factor))
     _launch_kernel(kernel.func, b, size, torch._C._cuda_getCurrentRawStream(device), buffer)
 
 
 # drift_kernel's parameters as C lays them out in its parameter space, in the order of its signature: P a pointer,
 # i an int, d a double, each at its natural alignment (struct's native mode); a test reads the signature from
 # drift_cuda.cu and checks this
-KERNEL_SIGNATURE = "PPP" "iiiiii" "PPP" "iii" "PPPPPP" "iiiiiii" "dddd"
+KERNEL_SIGNATURE = "PPP" "iiiiii" "PPP" "iii" "PPPPPP" "iiiiiii" "ddddd"
 PARAMETERS = struct.Struct("@" + KERNEL_SIGNATURE)
 
 

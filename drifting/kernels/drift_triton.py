@@ -175,7 +175,7 @@ def _drift_kernel(
     out_ptr, grad_ptr, params_ptr, norm_ptr,
     sgb, sgr, sgs, snb, snr, sns, spb, spr, sps,
     CG, CN, CP, S, params_stride, lambda_stride,
-    sqrt_floor, self_mask, attraction, repulsion,
+    sqrt_floor, self_mask, attraction, repulsion, grad_factor,
     PASS: tl.constexpr, R: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_NEG: tl.constexpr, HAS_WG: tl.constexpr, HAS_WN: tl.constexpr, HAS_WP: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
@@ -344,7 +344,7 @@ def _drift_kernel(
                 rsum += tl.sum(coef_gn, axis=1)
             # F = sum_R F_R / lambda_R; the residual gen/s_in - goal is exactly -F
             loss = tl.zeros((BG,), dtype=tl.float32)
-            grad_scale = -2.0 / (s_in * CG * S)
+            grad_scale = -2.0 / (s_in * CG * S) * grad_factor  # grad_factor: 1, or 1 / B for a mean (drift_loss)
             for s0 in range(0, S, BS):
                 cols = s0 + rs
                 xg = _load_rows(gen_ptr, sgb, sgr, sgs, b, rg, CG, cols, S)
@@ -393,7 +393,8 @@ def supports(gen: Tensor, pos: Tensor, neg: Tensor | None) -> bool:
 
 
 class _FusedDriftLoss(torch.autograd.Function):
-    """loss [B] with a gradient computed during the forward pass (pass 3 writes it next to the loss)."""
+    """The loss, [B] or reduced to a scalar, with its gradient computed during the forward pass (pass 3 writes it
+    next to the loss: for a reduced loss already times the reduction's factor)."""
 
     @staticmethod
     def forward(ctx, gen: Tensor, loss: Tensor, grad: Tensor | None) -> Tensor:
@@ -408,6 +409,8 @@ class _FusedDriftLoss(torch.autograd.Function):
         ctx.consumed = True
         (grad,) = ctx.saved_tensors
         # in place: the buffer is ours, and a second [B, C_g, S] tensor would double the peak memory
+        if grad_loss.dim() == 0:  # a reduced loss
+            return scale_all_(grad, grad_loss), None, None
         return scale_problems_(grad, grad_loss), None, None
 
 
@@ -424,6 +427,24 @@ def scale_problems_(grad: Tensor, scale: Tensor) -> Tensor:
     return grad
 
 
+def scale_all_(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad *= scale in place (contiguous; `scale` one element), in fp32 with one rounding to grad's dtype. On CUDA
+    the kernel (`_scale_all`) reads the scale itself and leaves the gradient untouched where it is exactly 1, as for
+    `loss.backward()` on a reduced loss: no host sync, and no read or write of the [B, C_g, S] gradient."""
+    scale = scale.detach().float().reshape(1)
+    if not grad.is_cuda or _INTERPRET:
+        return grad.copy_((grad.float() * scale).to(grad.dtype))
+    total = grad.numel()
+    programs = min(triton.cdiv(total, _SCALE_BLOCK), _SCALE_PROGRAMS_PER_SM * _multiprocessors(grad.get_device()))
+    _scale_all[(programs,)](grad, scale, total, BLOCK=_SCALE_BLOCK)
+    return grad
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 _SCALE_BLOCK = 4096
 
 
@@ -435,6 +456,21 @@ def _scale_problems(grad_ptr, scale_ptr, per_problem, BLOCK: tl.constexpr):
     ptr = grad_ptr + b.to(tl.int64) * per_problem + offs
     x = tl.load(ptr, mask=mask)
     tl.store(ptr, (x.to(tl.float32) * tl.load(scale_ptr + b)).to(x.dtype), mask=mask)
+
+
+_SCALE_PROGRAMS_PER_SM = 8  # _scale_all's programs loop over the tensor: a few per SM keep its memory busy
+
+
+@triton.jit
+def _scale_all(grad_ptr, scale_ptr, total, BLOCK: tl.constexpr):
+    s = tl.load(scale_ptr)
+    if s != 1.0:  # exactly 1 (loss.backward() on a reduced loss): the gradient in place is already the answer
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, total, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < total
+            x = tl.load(grad_ptr + offs, mask=mask)
+            tl.store(grad_ptr + offs, (x.to(tl.float32) * s).to(x.dtype), mask=mask)
 
 
 class _Kernel:
@@ -497,21 +533,23 @@ class _Kernel:
         self.strides = (*x.stride(), *neg_t.stride(), *pos.stride())
 
     def launch(self, pass_: int, out: Tensor, params: Tensor, inv_lambda: Tensor, grad: Tensor | None,
-               norm: Tensor | None = None) -> None:
+               norm: Tensor | None = None, grad_factor: float = 1.0) -> None:
         """norm: pass 2 writes each problem's softmax normalisers there, pass 3 reads them (same call, same scale);
-        the CUDA kernel's pass 1 writes the targets' squared norms there first (`norm_buffer`)."""
+        the CUDA kernel's pass 1 writes the targets' squared norms there first (`norm_buffer`). grad_factor: pass 3
+        writes the gradient times this (1 / B for a mean over the problems, see `fused_drift_loss`)."""
         per_problem = dict(params_stride=2 if params.dim() == 2 else 0,  # [B, 2] / [B, R]: one per problem
                            lambda_stride=inv_lambda.shape[-1] if inv_lambda.dim() == 2 else 0)
         if self.cuda is not None:
             c = self.cuda
             drift_cuda.launch(pass_, c["gen"], c["pos"], c["neg"], c["weights"], c["temps"], inv_lambda, out, grad,
-                              params, norm, c["dummy"], **c["options"], **per_problem)
+                              params, norm, c["dummy"], **c["options"], **per_problem, grad_factor=grad_factor)
             return
         _drift_kernel[(self.shape[0],)](*self.pointers, inv_lambda, out, grad if grad is not None else self.dummy,
                                         params, norm if norm is not None and pass_ != 1 else self.dummy, *self.strides,
                                         **per_problem, PASS=pass_,
                                         WRITE_GRAD=grad is not None, STORE_NORM=norm is not None and pass_ == 2,
-                                        LOAD_NORM=norm is not None and pass_ == 3, **self.common)
+                                        LOAD_NORM=norm is not None and pass_ == 3, grad_factor=grad_factor,
+                                        **self.common)
 
     def norm_buffer(self) -> Tensor | None:
         """The buffer that a call's passes share, or None: for the Triton kernel [B, R, 2 BG + BN + BP] float32,
@@ -570,7 +608,7 @@ def fused_square_sums(gen: Tensor, pos: Tensor, neg: Tensor | None, *, scale: Te
 def fused_drift_loss(
     gen: Tensor, pos: Tensor, neg: Tensor | None, *, temperatures, gen_weight, pos_weight, neg_weight, normalize,
     affinity_floor, self_mask, attraction, repulsion, all_reduce, stats, block_s: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, reduction: str = "none",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`drift_loss` on CUDA (or under TRITON_INTERPRET=1): same arguments, checked by the caller."""
     kernel = _Kernel(gen, pos, neg, temperatures=temperatures, gen_weight=gen_weight, pos_weight=pos_weight,
@@ -594,7 +632,12 @@ def fused_drift_loss(
     loss = torch.empty(b, **kernel.f32)
     needs_grad = torch.is_grad_enabled() and gen.requires_grad
     grad = torch.empty(b, c_g, s, dtype=gen.dtype, device=kernel.device) if needs_grad else None
-    kernel.launch(3, loss, kernel.params(stats.scale), inv_lambda, grad, norm)
+    # a reduced loss's gradient is written for its reduction, so that its backward has nothing left to do where the
+    # incoming gradient is 1 (loss.backward()); "none" is scaled per problem in the backward (scale_problems_)
+    grad_factor = 1.0 / max(b, 1) if reduction == "mean" else 1.0
+    kernel.launch(3, loss, kernel.params(stats.scale), inv_lambda, grad, norm, grad_factor=grad_factor)
+    if reduction != "none":
+        loss = loss.mean() if reduction == "mean" else loss.sum()
     info = {"scale": stats.scale, "drift_ms": stats.drift_ms}
     if needs_grad:
         return _FusedDriftLoss.apply(gen, loss, grad), info
