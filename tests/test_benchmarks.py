@@ -238,6 +238,18 @@ def test_drift_loss_benchmark_idles_between_calls_when_asked(monkeypatch, capsys
     assert exit_info.value.code == 2 and "--idle-ms: expected a number >= 0, got -1.0" in capsys.readouterr().err
 
 
+def test_host_time_benchmark_checks_its_arguments_before_asking_for_a_gpu(capsys):
+    bench = _load("host_time")
+    cases = [(["--problems", "0"], "--problems: expected a positive integer, got 0"),
+             (["--repeat", "-2"], "--repeat: expected a positive integer, got -2")]
+    if not torch.cuda.is_available():
+        cases.append(([], "needs a CUDA GPU"))
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
 def test_force_precision_study_builds_the_reference_field_and_orders_the_roundings(capsys):
     """force_precision.py: its coefficients give the reference's field (drift.field_from_affinity at the reference's
     affinities), and the roundings' errors come out in the order of their bits."""
