@@ -67,15 +67,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     b, per = args.problems, C_G * S
     grad = torch.randn(b, C_G, S, device="cuda").bfloat16()
-    scale = torch.ones(b, device="cuda")  # x 1: the same values every call
+    scale = torch.full((b,), -1.0, device="cuda")  # x -1: exact, the same magnitudes every call
     gigabytes = 2 * grad.numel() * grad.element_size() / 1e9  # read + write
     copy = torch.empty_like(grad)
+    ones = torch.ones(b, device="cuda")  # the gradient of losses.sum(): nothing to do
     rows = {"library kernel (scale_problems_)": median_ms(lambda: drift_triton.scale_problems_(grad, scale),
                                                            args.repeat),
+            "library kernel (scale_problems_), every scale 1": median_ms(
+                lambda: drift_triton.scale_problems_(grad, ones), args.repeat),
             "copy_ to another buffer (bandwidth reference)": median_ms(lambda: copy.copy_(grad), args.repeat)}
     # a reduced loss's backward (drift_loss(reduction="mean"/"sum")): the whole gradient by one scalar, and nothing
     # at all where it is exactly 1
-    for value in (1.0, 0.5):
+    for value in (1.0, -1.0):
         one = torch.tensor(value, device="cuda")
         rows[f"reduced loss's kernel (scale_all_), scalar {value}"] = median_ms(
             lambda: drift_triton.scale_all_(grad, one), args.repeat)

@@ -130,12 +130,15 @@ def test_fused_options(options):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_scales_each_problem_once_in_fp32(dtype):
     """The backward multiplies problem b's gradient by the upstream gradient's entry b: the Triton pass equals the
-    plain PyTorch one (fp32 product, one rounding) bit for bit, for an odd problem size and an expanded scale."""
+    plain PyTorch one (fp32 product, one rounding) bit for bit, for an odd problem size, an expanded scale and scales
+    of exactly 1 (skipped by the kernel) among others."""
     from drifting.kernels.drift_triton import scale_problems_
 
     g = torch.Generator(device="cuda").manual_seed(7)
     grad = torch.randn(5, 3, 1001, generator=g, device="cuda").to(dtype)
-    for scale in (torch.rand(5, generator=g, device="cuda") * 3 - 1, torch.full((1,), 0.3, device="cuda").expand(5)):
+    mixed = torch.tensor([1.0, 0.5, 1.0, -3.0, 1.0], device="cuda")  # problems at exactly 1 are left as they are
+    for scale in (torch.rand(5, generator=g, device="cuda") * 3 - 1, torch.full((1,), 0.3, device="cuda").expand(5),
+                  mixed, torch.ones(5, device="cuda")):
         expected = (grad.float() * scale[:, None, None]).to(dtype)
         assert torch.equal(scale_problems_(grad.clone(), scale), expected)
         assert torch.equal(scale_problems_(grad.cpu(), scale.cpu()), expected.cpu())  # the CPU path

@@ -417,7 +417,8 @@ class _FusedDriftLoss(torch.autograd.Function):
 def scale_problems_(grad: Tensor, scale: Tensor) -> Tensor:
     """grad[b] *= scale[b] in place ([B, ...] contiguous, [B]), in fp32 with one rounding to grad's dtype. On CUDA one
     streaming pass (`_scale_problems`): PyTorch's broadcast multiply takes its generic strided kernel here, 3.1 ms
-    against ~1.4 ms of memory traffic for the 32x32 key's bf16 gradient on an H100 (docs/benchmarks.md)."""
+    against ~1.4 ms of memory traffic for the 32x32 key's bf16 gradient on an H100 (docs/benchmarks.md). Problems
+    whose scale is exactly 1 (the gradient of `losses.sum()`) are neither read nor written."""
     scale = scale.detach().float().contiguous()
     if not grad.is_cuda or _INTERPRET:
         return grad.copy_((grad.float() * scale.view(-1, *(1,) * (grad.dim() - 1))).to(grad.dtype))
@@ -451,11 +452,13 @@ _SCALE_BLOCK = 4096
 @triton.jit
 def _scale_problems(grad_ptr, scale_ptr, per_problem, BLOCK: tl.constexpr):
     b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < per_problem
-    ptr = grad_ptr + b.to(tl.int64) * per_problem + offs
-    x = tl.load(ptr, mask=mask)
-    tl.store(ptr, (x.to(tl.float32) * tl.load(scale_ptr + b)).to(x.dtype), mask=mask)
+    s = tl.load(scale_ptr + b)
+    if s != 1.0:  # exactly 1 (the gradient of losses.sum()): this problem's gradient is already the answer
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < per_problem
+        ptr = grad_ptr + b.to(tl.int64) * per_problem + offs
+        x = tl.load(ptr, mask=mask)
+        tl.store(ptr, (x.to(tl.float32) * s).to(x.dtype), mask=mask)
 
 
 _SCALE_PROGRAMS_PER_SM = 8  # _scale_all's programs loop over the tensor: a few per SM keep its memory busy
