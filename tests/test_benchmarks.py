@@ -183,17 +183,6 @@ def test_whatif_builds_are_todays_kernel_with_their_edits_and_a_stale_edit_is_na
     assert not (tmp_path / "never").exists()
 
 
-def test_scaling_benchmark_checks_its_arguments_before_asking_for_a_gpu(capsys):
-    bench = _load("scale_problems")
-    cases = [(["--problems", "0"], "--problems: expected a positive integer, got 0")]
-    if not torch.cuda.is_available():
-        cases.append(([], "needs a CUDA GPU"))
-    for argv, expected in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            bench.main(argv)
-        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
-
-
 def test_power_draw_summarises_clocks_and_throttling_of_the_busy_samples(tmp_path, monkeypatch, capsys):
     """power_draw runs the command while nvidia-smi samples (here a stand-in that prints four samples: one idle, two
     busy under the power cap, one busy at full clock, one it could not fill); the summary covers the busy ones."""
@@ -238,12 +227,15 @@ def test_drift_loss_benchmark_idles_between_calls_when_asked(monkeypatch, capsys
     assert exit_info.value.code == 2 and "--idle-ms: expected a number >= 0, got -1.0" in capsys.readouterr().err
 
 
-def test_host_time_benchmark_checks_its_arguments_before_asking_for_a_gpu(capsys):
-    bench = _load("host_time")
-    cases = [(["--problems", "0"], "--problems: expected a positive integer, got 0"),
-             (["--repeat", "-2"], "--repeat: expected a positive integer, got -2")]
+@pytest.mark.parametrize("script, cases", [
+    ("scale_problems", [(["--problems", "0"], "--problems: expected a positive integer, got 0")]),
+    ("host_time", [(["--problems", "0"], "--problems: expected a positive integer, got 0"),
+                   (["--repeat", "-2"], "--repeat: expected a positive integer, got -2")]),
+])
+def test_gpu_benchmarks_check_their_arguments_before_asking_for_a_gpu(script, cases, capsys):
+    bench = _load(script)
     if not torch.cuda.is_available():
-        cases.append(([], "needs a CUDA GPU"))
+        cases = cases + [([], "needs a CUDA GPU")]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
