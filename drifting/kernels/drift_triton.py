@@ -581,9 +581,13 @@ class _Kernel:
     def square_sums(self, scale: Tensor, norm: Tensor | None = None) -> Tensor:
         """Pass 2, per problem: [sum F_tau^2 for each tau, C_g S] (float64, [B, R + 1]) at `scale` (a scalar, or
         one per problem [B]), as `drift._square_sums`."""
+        return self.square_sums_at(self.params(scale), norm)
+
+    def square_sums_at(self, params: Tensor, norm: Tensor | None = None) -> Tensor:
+        """`square_sums` at the scale's parameters (`params`), for a caller that has them already."""
         b, c_g, s = self.shape
         part = torch.empty(b, self.num_temperatures + 1, **self.f32)
-        self.launch(2, part, self.params(scale), self.dummy, None, norm)
+        self.launch(2, part, params, self.dummy, None, norm)
         part = part.double()
         part[:, -1] = c_g * s  # the number of field entries: a fill on the device, no copy from the host
         return part
@@ -618,14 +622,15 @@ def fused_drift_loss(
                      neg_weight=neg_weight, normalize=normalize, affinity_floor=affinity_floor, self_mask=self_mask,
                      attraction=attraction, repulsion=repulsion, block_s=block_s, num_warps=num_warps,
                      num_stages=num_stages)
-    norm = None
+    norm = params = None
     if stats is None:
         norm = kernel.norm_buffer()
         sums = kernel.scale_sums(norm).sum(0)
         if all_reduce is not None:
             sums = all_reduce(sums)
         scale = sums[0] / sums[1]
-        squares = kernel.square_sums(scale, norm).sum(0)
+        params = kernel.params(scale)  # passes 2 and 3 share them
+        squares = kernel.square_sums_at(params, norm).sum(0)
         if all_reduce is not None:
             squares = all_reduce(squares)
         stats = DriftStats(scale, squares[:-1] / squares[-1])
@@ -638,7 +643,9 @@ def fused_drift_loss(
     # a reduced loss's gradient is written for its reduction, so that its backward has nothing left to do where the
     # incoming gradient is 1 (loss.backward()); "none" is scaled per problem in the backward (scale_problems_)
     grad_factor = 1.0 / max(b, 1) if reduction == "mean" else 1.0
-    kernel.launch(3, loss, kernel.params(stats.scale), inv_lambda, grad, norm, grad_factor=grad_factor)
+    if params is None:  # statistics given by the caller
+        params = kernel.params(stats.scale)
+    kernel.launch(3, loss, params, inv_lambda, grad, norm, grad_factor=grad_factor)
     if reduction != "none":
         loss = loss.mean() if reduction == "mean" else loss.sum()
     info = {"scale": stats.scale, "drift_ms": stats.drift_ms}
