@@ -22,6 +22,7 @@ from contextlib import nullcontext
 import torch
 from feature_loss import chunk_parser, parse_chunk_args, timed_ms  # benchmarks/feature_loss.py
 from generator_step import COMPILE_MODES  # benchmarks/generator_step.py
+from kernel_classes import device_ms_by_class, format_classes  # benchmarks/kernel_classes.py
 from torch.profiler import ProfilerActivity, profile
 
 from drifting.feature_loss import FeatureDriftLoss
@@ -92,8 +93,11 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
         sort = "cuda_time_total" if cuda else "cpu_time_total"
+        classes = format_classes(device_ms_by_class(prof.events()))
+        print(classes, end="")
         with open(args.profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90) + "\n")
+            f.write(classes + "\n" + prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+                    + "\n")
     if args.out:
         result = {"card": card, "torch": torch.__version__, "encoder": args.encoder, "classes": args.classes,
                   "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from kernel_classes import device_ms_by_class, format_classes  # benchmarks/kernel_classes.py
+
 from drifting.models.dit import build_generator
 from drifting.models.generate import draw_inputs
 
@@ -93,9 +95,12 @@ def main() -> None:
                 step()
                 if cuda:
                     torch.cuda.synchronize()
+            classes = format_classes(device_ms_by_class(prof.events()))
+            print(classes, end="")
             with open(args.profile, "w") as f:
-                f.write(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
-                                                  row_limit=40, max_name_column_width=90) + "\n")
+                f.write(classes + "\n" + prof.key_averages().table(
+                    sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90)
+                    + "\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)

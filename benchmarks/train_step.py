@@ -35,6 +35,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+from kernel_classes import device_ms_by_class, format_classes  # benchmarks/kernel_classes.py
+
 from drifting.config import load_config
 from drifting.data.datasets import to_float
 from drifting.data.queue import SampleQueue
@@ -348,6 +350,8 @@ def main() -> None:
                  " share of the GPU's busy time, and the range's host time\n")
         head += "".join(f"  {name:<52} {r['gpu']:9.1f} ms {r['gpu'] / max(busy_ms, 1e-9):6.1%}  "
                         f"host {r['host']:9.1f} ms\n" for name, r in ranges.items()) + "\n"
+        by_class = device_ms_by_class(device_events)
+        head += format_classes(by_class) + "\n"
         table = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
                                max_name_column_width=70)
         host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
@@ -393,7 +397,8 @@ def main() -> None:
         "split_ms": {k: 1e3 * v for k, v in split.items()},
     }
     if args.profile:
-        result["profile"] = {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_ms_by_range": ranges}
+        result["profile"] = {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_ms_by_range": ranges,
+                             "gpu_ms_by_kernel_class": {cls: ms for cls, (ms, _) in by_class.items()}}
     if args.baseline:
         one = json.loads(Path(args.baseline).read_text())
         result["scaling_efficiency"] = samples_per_s / (world * one["samples_per_s"])

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
+    # As when run as a script: the benchmarks' own folder is on the path, for the helpers they share.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -311,3 +314,62 @@ def test_kernel_profile_sums_stall_samples_by_line_of_the_kernel(tmp_path, capsy
     (tmp_path / "plain.sass").write_text("        /*0000*/   EXIT ;\n")
     with pytest.raises(SystemExit, match="no line information"):
         bench.main(["lines", str(tmp_path / "pass2.csv"), str(tmp_path / "plain.sass")])
+
+
+def test_kernel_classes_name_the_step_kernels_as_the_profiles_list_them():
+    """Kernel names taken from the step's profiles (docs/data): cuDNN's attention says "fprop" as its convolutions do,
+    and its convolutions say "implicit_gemm" as products might; each must land in its own class."""
+    classes = _load("kernel_classes")
+    expected = {
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "matrix products (cuBLAS)",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matrix products (cuBLAS)",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128": "convolutions (cuDNN)",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolutions (cuDNN)",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>": "layout conversions (cuDNN)",
+        "triton_tem_fused_addmm_0": "matrix products (inductor's Triton templates)",
+        "triton_poi_fused__to_copy_add_cat_mul_neg_permute_split_unbind_view_0": (
+            "compiled elementwise and reductions (inductor)"),
+        "_drift_kernel": "drifting kernels (ours)",
+        "void drift_kernel<3, 1, 64, 8>(float const*)": "drifting kernels (ours)",
+        "_tap_stats_fwd": "drifting kernels (ours)",
+        "Memset (Device)": "memset / memcpy",
+        "Memcpy DtoD (Device -> Device)": "memset / memcpy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": (
+            "other kernels (aten elementwise, reductions, copies)"),
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4>": (
+            "other kernels (aten elementwise, reductions, copies)"),
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication (NCCL)",
+        "fmt_a_kernel_of_someone_else": "other kernels (aten elementwise, reductions, copies)",
+        "someone_elses_op": classes.OTHER,
+    }
+    assert {name: classes.kernel_class(name) for name in expected} == expected
+
+
+class _FunctionEvent:
+    """The attributes of a profiler FunctionEvent that device_ms_by_class reads."""
+
+    def __init__(self, name, device, us, annotation=False):
+        self.name, self.device_type, self.is_user_annotation = name, device, annotation
+        self.time_range = type("Interval", (), {"elapsed_us": lambda _self: us})()
+
+
+def test_device_ms_by_class_sums_device_work_only_largest_first():
+    classes = _load("kernel_classes")
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        _FunctionEvent("aten::mm", cpu, 9_000),  # host time: not device work
+        _FunctionEvent("nvjet_tst_a", gpu, 3_000), _FunctionEvent("nvjet_tst_b", gpu, 1_500),
+        _FunctionEvent("triton_poi_fused_add_0", gpu, 2_000),
+        _FunctionEvent("generator forward", gpu, 50_000, annotation=True),  # a range's GPU span: not work
+        _FunctionEvent("gpu_user_annotation", gpu, 40_000),
+        _FunctionEvent("Memset (Device)", gpu, 1),
+    ]
+    out = classes.device_ms_by_class(events)
+    assert out == {"matrix products (cuBLAS)": (4.5, 2), "compiled elementwise and reductions (inductor)": (2.0, 1),
+                   "memset / memcpy": (0.001, 1)}
+    assert list(out) == ["matrix products (cuBLAS)", "compiled elementwise and reductions (inductor)",
+                         "memset / memcpy"]
+    table = classes.format_classes(out)
+    assert "6.5 ms of device work" in table and "69.2%" in table and "30.8%" in table
