@@ -11,6 +11,7 @@ import torch
 from drifting.models.dit import GENERATORS, DiT, DiTConfig, build_generator, generator_config
 from drifting.models.generate import draw_inputs, generate
 from drifting.models.layers import (
+    Attention,
     RMSNorm,
     apply_rope,
     rope_cos_sin,
@@ -257,6 +258,71 @@ def test_rope_1d_scores_depend_only_on_relative_position():
     for shift in (1, 5):
         assert torch.allclose(scores.diagonal(shift), scores.diagonal(shift)[:1].expand(20 - shift), atol=1e-4)
     assert torch.allclose(apply_rope(seq(q), cos, sin).norm(dim=-1), q.norm().expand(1, 1, 20))
+
+
+def _attention_written_out(attn: Attention, x, rope):
+    """Attention by its definition, in the (B, H, L, Dh) layout throughout: qkv, QK-norm (RMSNorm over Dh, gain
+    shared by the heads), rotate-half RoPE per axis, softmax(q k^T / sqrt(Dh)) v, output projection."""
+    b, length, dim = x.shape
+    heads, dh = attn.num_heads, attn.head_dim
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(b, length, 3, heads, dh).permute(2, 0, 3, 1, 4)
+
+    def norm(t, gain):
+        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6) * gain
+
+    def rotate(t, cos, sin):  # t (B, H, L, Dh), cos and sin (L, A, n)
+        t = t.unflatten(-1, cos.shape[-2:])
+        first, second = t.chunk(2, dim=-1)
+        return (t * cos + torch.cat([-second, first], dim=-1) * sin).flatten(-2)
+
+    q, k = norm(q, attn.q_norm.weight), norm(k, attn.k_norm.weight)
+    if rope is not None:
+        q, k = rotate(q, *rope), rotate(k, *rope)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(dh)).softmax(-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, length, dim)
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+@pytest.mark.parametrize("axes", [None, 1, 2])
+def test_attention_equals_its_written_out_definition_forward_and_gradient(axes):
+    """The layer's layout (norm and rotation on (B, L, H, Dh), attention on transposed views) changes nothing."""
+    torch.manual_seed(0)
+    attn = _perturb(Attention(dim=24, num_heads=3), std=0.3)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    rope = None
+    if axes is not None:
+        positions = rope_positions_1d(grid=2, prefix=3) if axes == 1 else rope_positions_2d(grid=2, prefix=3)
+        rope = rope_cos_sin(positions, attn.head_dim)
+    out, ref = attn(x, rope), _attention_written_out(attn, x, rope)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    params = [x, *attn.parameters()]
+    got = torch.autograd.grad(out, params, upstream)
+    want = torch.autograd.grad(ref, params, upstream)
+    for (name, _), a, b in zip([("x", x), *attn.named_parameters()], got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    grads = dict(zip(["x", *(name for name, _ in attn.named_parameters())], got))
+    assert grads["q_norm.weight"].abs().max() > 0 and grads["k_norm.weight"].abs().max() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fp32", [False, True])
+def test_attention_on_cuda_under_bf16_matches_its_definition(fp32):
+    """On a GPU, attention reads q, k, v as transposed views (cuDNN or flash attention, whichever PyTorch picks):
+    under bf16 autocast the layer stays within bf16 rounding of the fp32 definition, forward and gradient."""
+    torch.manual_seed(0)
+    attn = _perturb(Attention(dim=768, num_heads=12, fp32=fp32), std=0.02).cuda()
+    x = torch.randn(4, 272, 768, device="cuda", requires_grad=True)
+    rope = tuple(t.cuda() for t in rope_cos_sin(rope_positions_1d(grid=16, prefix=16), attn.head_dim))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attn(x.bfloat16(), rope)
+    ref = _attention_written_out(attn, x, rope)
+    upstream = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad(out.float(), x, upstream)
+    (grad_ref,) = torch.autograd.grad(ref, x, upstream)
+    assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert (grad - grad_ref).abs().max() <= 2e-2 * grad_ref.abs().max()
 
 
 def test_rope_frequencies_and_positions():

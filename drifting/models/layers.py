@@ -205,6 +205,8 @@ def rope_cos_sin(positions: Tensor, head_dim: int, base: float = 1e4) -> tuple[T
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B, H, L, Dh] by the angles of `rope_cos_sin` ([L, A, Dh / A] each); returns x's dtype.
 
+    For x [B, L, H, Dh] pass cos[:, None] and sin[:, None] ([L, 1, A, Dh / A]): they broadcast over the heads.
+
     Rotate-half: within each axis' n channels, channel j pairs with channel j + n/2. Computed in fp32.
     """
     shape, dtype = x.shape, x.dtype
@@ -236,11 +238,16 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         b, length, dim = x.shape
-        qkv = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
-        q, k, v = qkv.unbind(0)  # (B, H, L, Dh) each
+        # QK-norm and RoPE work on the tokens' own (B, L, H, Dh) layout, and attention takes q, k, v as (B, H, L, Dh)
+        # transposed views of it (the layout flash attention and cuDNN read natively). Permuting to (B, H, L, Dh)
+        # first made the compiled generator copy q, k, v and their gradients across the layouts, strided, in every
+        # block: ~4% of the DiT-B/2's forward + backward (docs/benchmarks.md, twenty-third sitting). Same values.
+        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).unbind(2)  # (B, L, H, Dh) each
         q, k = self.q_norm(q), self.k_norm(k)  # the norm comes before the rotation, as in the code
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope[0][:, None], rope[1][:, None]  # (L, 1, A, Dh / A): broadcast over the heads
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, Dh) views
         if self.fp32:
             with no_autocast(x.device):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
